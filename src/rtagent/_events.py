@@ -1,0 +1,88 @@
+"""The event vocabulary: what a turn reports, the moment it happens.
+
+Every front end (terminal, web page, AG-UI API, benchmarks) consumes these and nothing else.
+Each event is a small frozen dataclass whose ``type`` field names it, so a ``match`` on the class
+or a lookup on ``event.type`` both work, and ``dataclasses.asdict`` gives a JSON-ready dict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, TypeAlias
+
+if TYPE_CHECKING:
+    from ._result import TurnResult
+
+
+@dataclass(frozen=True, slots=True)
+class Thinking:
+    """The turn has started; the model has not produced its first token yet."""
+
+    type: Literal["thinking"] = field(default="thinking", init=False)
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    """A chunk of the assistant's reply, in the order the model produced it."""
+
+    text: str
+    type: Literal["text_delta"] = field(default="text_delta", init=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ToolStarted:
+    """A tool call whose arguments are complete in the model stream.
+
+    Sent as soon as the arguments are known, before the model's response ends and before the SDK
+    runs the tool, so a front end can show what is about to happen.
+    """
+
+    call_id: str
+    name: str
+    arguments: str
+    type: Literal["tool_started"] = field(default="tool_started", init=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ToolProgress:
+    """A running tool's own report of what it is doing (see ``rtagent.progress``)."""
+
+    call_id: str
+    message: str
+    fraction: float | None = None
+    type: Literal["tool_progress"] = field(default="tool_progress", init=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ToolFinished:
+    """One tool call returned (or failed); sent the moment it does, not when its siblings do."""
+
+    call_id: str
+    name: str
+    output: str
+    error: str | None = None
+    duration_s: float = 0.0
+    type: Literal["tool_finished"] = field(default="tool_finished", init=False)
+
+
+@dataclass(frozen=True, slots=True)
+class TurnFinished:
+    """The turn ended normally or was interrupted (``result.interrupted``)."""
+
+    result: TurnResult
+    type: Literal["turn_finished"] = field(default="turn_finished", init=False)
+
+
+@dataclass(frozen=True, slots=True)
+class TurnFailed:
+    """The turn ended with an error. ``partial_text`` is what the user had already seen."""
+
+    error: str
+    partial_text: str
+    result: TurnResult
+    type: Literal["turn_failed"] = field(default="turn_failed", init=False)
+
+
+Event: TypeAlias = (
+    Thinking | TextDelta | ToolStarted | ToolProgress | ToolFinished | TurnFinished | TurnFailed
+)

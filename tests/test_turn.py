@@ -1,0 +1,244 @@
+"""The realtime turn: event order and timing, with the scripted model."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from agents import Agent, SQLiteSession, function_tool
+
+import rtagent
+from rtagent import Event, TextDelta, Thinking, ToolFinished, ToolStarted, TurnFailed, TurnFinished
+from rtagent.testing import ScriptedModel, call, fail, reply, tool_calls
+
+
+@function_tool
+async def quick(query: str) -> str:
+    """Answers in 0.3 s."""
+    await asyncio.sleep(0.3)
+    return f"quick {query}"
+
+
+@function_tool
+async def slow(query: str) -> str:
+    """Answers in 1.5 s."""
+    await asyncio.sleep(1.5)
+    return f"slow {query}"
+
+
+@function_tool
+def blocking_a(query: str) -> str:
+    """A sync tool that blocks for 1 s (the SDK runs it in a thread)."""
+    time.sleep(1.0)
+    return f"a {query}"
+
+
+@function_tool
+def blocking_b(query: str) -> str:
+    """The same, a second one."""
+    time.sleep(1.0)
+    return f"b {query}"
+
+
+async def collect(turn: rtagent.Turn) -> list[tuple[float, Event]]:
+    start = time.perf_counter()
+    timeline: list[tuple[float, Event]] = []
+    async with turn:
+        async for event in turn:
+            timeline.append((time.perf_counter() - start, event))
+    return timeline
+
+
+async def test_text_streams_as_deltas_between_thinking_and_finish() -> None:
+    model = ScriptedModel([reply("Hello there, friend!", chunks=4, delay=0.01)])
+    timeline = await collect(rtagent.stream(Agent(name="a", model=model), "hi"))
+    events = [event for _, event in timeline]
+    assert isinstance(events[0], Thinking)
+    assert [e.text for e in events if isinstance(e, TextDelta)] == ["Hello", " ther", "e, fr", "iend!"]
+    assert isinstance(events[-1], TurnFinished)
+    result = events[-1].result
+    assert result.text == "Hello there, friend!"
+    assert result.final_output == "Hello there, friend!"
+    assert not result.interrupted
+    assert result.metrics.tokens == 4
+    assert result.metrics.time_to_first_token_s is not None
+    assert result.metrics.tokens_per_s is not None
+
+
+async def test_each_tool_finishes_the_moment_it_returns() -> None:
+    model = ScriptedModel(
+        [
+            tool_calls(call("quick", {"query": "a"}, call_id="q"), call("slow", {"query": "b"}, call_id="s")),
+            reply("Both done."),
+        ]
+    )
+    agent = Agent(name="a", model=model, tools=[quick, slow])
+    timeline = await collect(rtagent.stream(agent, "go"))
+
+    started = {e.call_id: t for t, e in timeline if isinstance(e, ToolStarted)}
+    finished = {e.call_id: (t, e) for t, e in timeline if isinstance(e, ToolFinished)}
+    assert set(started) == {"q", "s"}
+    first = min(finished.values(), key=lambda pair: pair[0])
+    assert first[1].call_id == "q"
+    assert first[0] < 0.4, f"first ToolFinished after {first[0]:.3f} s"
+    assert finished["q"][1].output == "quick a"
+    assert finished["s"][0] >= 1.5
+    assert 0.3 <= finished["q"][1].duration_s < 0.4
+    kinds = [type(e).__name__ for _, e in timeline]
+    assert kinds.index("ToolFinished") < kinds.index("TextDelta")
+    result = timeline[-1][1]
+    assert isinstance(result, TurnFinished)
+    assert {t.call_id for t in result.result.metrics.tools} == {"q", "s"}
+
+
+async def test_sync_tools_run_in_parallel_without_stalling_the_loop() -> None:
+    model = ScriptedModel(
+        [
+            tool_calls(call("blocking_a", {"query": "x"}), call("blocking_b", {"query": "y"})),
+            reply("ok"),
+        ]
+    )
+    agent = Agent(name="a", model=model, tools=[blocking_a, blocking_b])
+    worst_gap = 0.0
+    stop = asyncio.Event()
+
+    async def heartbeat() -> None:
+        nonlocal worst_gap
+        last = time.perf_counter()
+        while not stop.is_set():
+            await asyncio.sleep(0.005)
+            now = time.perf_counter()
+            worst_gap = max(worst_gap, now - last)
+            last = now
+
+    beat = asyncio.create_task(heartbeat())
+    timeline = await collect(rtagent.stream(agent, "go"))
+    stop.set()
+    await beat
+    done_at = [t for t, e in timeline if isinstance(e, ToolFinished)]
+    assert len(done_at) == 2
+    assert max(done_at) < 1.2, f"tools done at {done_at}"
+    assert worst_gap < 0.05, f"event loop stalled {worst_gap * 1e3:.1f} ms"
+
+
+async def test_tool_is_announced_when_its_arguments_are_complete_not_when_the_response_ends() -> None:
+    # The second call's arguments stream slowly: the first call is complete long before.
+    model = ScriptedModel(
+        [
+            tool_calls(
+                call("quick", {"query": "first"}, call_id="one", chunks=3),
+                call("quick", {"query": "second"}, call_id="two", chunks=5),
+                delay=0.1,
+            ),
+            reply("ok"),
+        ]
+    )
+    timeline = await collect(rtagent.stream(Agent(name="a", model=model, tools=[quick]), "go"))
+    started = {e.call_id: t for t, e in timeline if isinstance(e, ToolStarted)}
+    assert started["two"] - started["one"] >= 0.4
+    assert [e.arguments for _, e in timeline if isinstance(e, ToolStarted)] == [
+        '{"query":"first"}',
+        '{"query":"second"}',
+    ]
+
+
+async def test_break_stops_the_model_stream() -> None:
+    model = ScriptedModel([reply([f"w{i} " for i in range(500)], delay=0.01)])
+    seen = 0
+    async for event in rtagent.stream(Agent(name="a", model=model), "go"):
+        if isinstance(event, TextDelta):
+            seen += 1
+            if seen == 5:
+                break
+    await asyncio.sleep(0.1)
+    emitted = model.deltas_emitted
+    assert model.streams[0].outcome == "closed"
+    await asyncio.sleep(0.1)
+    assert model.deltas_emitted == emitted < 20
+
+
+async def test_leaving_the_block_cancels_running_tools() -> None:
+    cancelled = asyncio.Event()
+
+    @function_tool
+    async def forever() -> str:
+        """Never returns by itself."""
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return "never"
+
+    model = ScriptedModel([tool_calls(call("forever")), reply("unreachable")])
+    async with rtagent.stream(Agent(name="a", model=model, tools=[forever]), "go") as turn:
+        async for event in turn:
+            if isinstance(event, ToolStarted):
+                await asyncio.sleep(0.05)
+                break
+    await asyncio.wait_for(cancelled.wait(), 1.0)
+    assert turn.result.interrupted
+
+
+async def test_interrupt_ends_the_turn_with_interrupted_result() -> None:
+    model = ScriptedModel([reply([f"w{i} " for i in range(100)], delay=0.01)])
+    turn = rtagent.stream(Agent(name="a", model=model), "go")
+    texts: list[str] = []
+    async with turn:
+        async for event in turn:
+            if isinstance(event, TextDelta):
+                texts.append(event.text)
+                if len(texts) == 10:
+                    turn.interrupt()
+            last = event
+    assert isinstance(last, TurnFinished)
+    assert last.result.interrupted
+    assert last.result.text == "".join(texts)
+
+
+async def test_model_failure_gives_turn_failed_with_partial_text() -> None:
+    model = ScriptedModel([fail(RuntimeError("model broke"), after=reply("one two three"))])
+    timeline = await collect(rtagent.stream(Agent(name="a", model=model), "go"))
+    last = timeline[-1][1]
+    assert isinstance(last, TurnFailed)
+    assert last.error == "RuntimeError: model broke"
+    assert last.partial_text == "one two three"
+    assert "".join(e.text for _, e in timeline if isinstance(e, TextDelta)) == "one two three"
+
+
+async def test_second_turn_sees_the_first_through_the_session() -> None:
+    model = ScriptedModel([reply("Nice to meet you, Ada."), reply("You are Ada.")])
+    agent = Agent(name="a", model=model)
+    session = SQLiteSession("t")
+    await rtagent.run(agent, "I am Ada", session=session)
+    result = await rtagent.run(agent, "Who am I?", session=session)
+    assert result.text == "You are Ada."
+    sent = model.calls[1].input
+    assert isinstance(sent, list)
+    contents = [str(item.get("content")) for item in sent if isinstance(item, dict)]
+    assert any("I am Ada" in c for c in contents)
+    assert any("Nice to meet you, Ada." in c for c in contents)
+
+
+async def test_run_raises_turn_error_keeping_partial_result() -> None:
+    model = ScriptedModel([fail(RuntimeError("down"))])
+    with pytest.raises(rtagent.TurnError, match="down") as caught:
+        await rtagent.run(Agent(name="a", model=model), "go")
+    assert caught.value.result.text == ""
+
+
+def test_run_sync_works_without_a_loop() -> None:
+    model = ScriptedModel([reply("sync ok")])
+    assert rtagent.run_sync(Agent(name="a", model=model), "go").text == "sync ok"
+
+
+async def test_slow_consumer_gets_coalesced_text_not_unbounded_queue() -> None:
+    model = ScriptedModel([reply([f"{i} " for i in range(2000)], yield_to_loop=False)])
+    turn = rtagent.stream(Agent(name="a", model=model), "go")
+    async with turn:
+        await asyncio.sleep(0.3)  # the whole reply arrives while nobody reads
+        events = [event async for event in turn]
+    deltas = [e for e in events if isinstance(e, TextDelta)]
+    assert len(deltas) <= rtagent._turn.MAX_PENDING_EVENTS
+    assert "".join(d.text for d in deltas) == "".join(f"{i} " for i in range(2000))
