@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Iterator
 
 import pytest
 
@@ -11,7 +10,7 @@ os.environ["OPENAI_AGENTS_DISABLE_TRACING"] = "1"
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _warm_sdk() -> Iterator[None]:
+def _warm_sdk() -> None:
     """Run one throwaway turn so timing tests measure turns, not the SDK's first-use imports."""
     from agents import Agent
 
@@ -19,4 +18,3 @@ def _warm_sdk() -> Iterator[None]:
     from rtagent.testing import ScriptedModel, reply
 
     asyncio.run(rtagent.run(Agent(name="warm", model=ScriptedModel([reply("ok")])), "hi"))
-    yield
