@@ -222,7 +222,7 @@ async def test_second_turn_sees_the_first_through_the_session() -> None:
 
 
 async def test_run_raises_turn_error_keeping_partial_result() -> None:
-    model = ScriptedModel([fail(RuntimeError("down"))])
+    model = ScriptedModel([fail(RuntimeError("down"))] * 4)  # the first try and three retries
     with pytest.raises(rtagent.TurnError, match="down") as caught:
         await rtagent.run(Agent(name="a", model=model), "go")
     assert caught.value.result.text == ""
@@ -242,3 +242,31 @@ async def test_slow_consumer_gets_coalesced_text_not_unbounded_queue() -> None:
     deltas = [e for e in events if isinstance(e, TextDelta)]
     assert len(deltas) <= rtagent._turn.MAX_PENDING_EVENTS
     assert "".join(d.text for d in deltas) == "".join(f"{i} " for i in range(2000))
+
+
+async def test_interrupt_before_the_model_is_called_still_ends_the_turn() -> None:
+    model = ScriptedModel([reply("never")])
+    turn = rtagent.stream(Agent(name="a", model=model), "go")
+    turn.start()
+    turn.interrupt()
+    events = [event async for event in turn]
+    assert isinstance(events[-1], TurnFinished)
+    assert events[-1].result.interrupted
+    assert model.calls == ()
+
+
+async def test_model_failing_before_its_first_token_is_retried() -> None:
+    model = ScriptedModel([fail(RuntimeError("flaky")), fail(RuntimeError("flaky")), reply("recovered")])
+    result = await rtagent.run(Agent(name="a", model=model), "go")
+    assert result.text == "recovered"
+    assert len(model.calls) == 3
+
+
+async def test_unreachable_server_fails_in_one_line_within_five_seconds() -> None:
+    start = time.perf_counter()
+    events = [e async for e in rtagent.stream(Agent(name="a"), "hi", model="http://127.0.0.1:9/v1#m")]
+    elapsed = time.perf_counter() - start
+    failed = events[-1]
+    assert isinstance(failed, TurnFailed)
+    assert failed.error == "cannot reach the model server at 127.0.0.1:9"
+    assert elapsed < 5

@@ -18,6 +18,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ._chat import Chat
     from ._errors import AgentLoadError, ModelError, RTAgentError
     from ._events import (
         Event,
@@ -32,11 +33,15 @@ if TYPE_CHECKING:
     from ._loading import load_agent
     from ._models import ModelSpec, ServedModel, parse_spec
     from ._result import ToolTiming, TurnMetrics, TurnResult
+    from ._tools import background, progress
     from ._turn import Turn, TurnError, TurnOptions, run, run_sync, stream
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "Chat": "_chat",
+    "background": "_tools",
+    "progress": "_tools",
     "RTAgentError": "_errors",
     "AgentLoadError": "_errors",
     "ModelError": "_errors",
@@ -65,6 +70,7 @@ _EXPORTS = {
 
 __all__ = [
     "AgentLoadError",
+    "Chat",
     "Event",
     "ModelError",
     "ModelSpec",
@@ -83,8 +89,10 @@ __all__ = [
     "TurnMetrics",
     "TurnOptions",
     "TurnResult",
+    "background",
     "load_agent",
     "parse_spec",
+    "progress",
     "run",
     "run_sync",
     "stream",

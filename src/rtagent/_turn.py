@@ -11,6 +11,9 @@ and the final result live behind it.
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
+import itertools
 import json
 import time
 from collections import deque
@@ -19,6 +22,7 @@ from dataclasses import replace
 from types import TracebackType
 from typing import Any, TypedDict, Unpack
 
+import openai
 from agents import Agent, RunConfig, RunHooks, Runner
 from agents.agent_output import AgentOutputSchemaBase
 from agents.handoffs import Handoff
@@ -29,6 +33,7 @@ from agents.model_settings import ModelSettings
 from agents.models.interface import Model, ModelTracing
 from agents.result import RunResultStreaming
 from agents.retry import ModelRetryAdvice, ModelRetryAdviceRequest
+from agents.run_config import CallModelData, CallModelInputFilter, ModelInputData
 from agents.run_context import RunContextWrapper
 from agents.tool import Tool
 from agents.tool_context import ToolContext
@@ -41,7 +46,7 @@ from openai.types.responses import (
 )
 from openai.types.responses.response_prompt_param import ResponsePromptParam
 
-from ._errors import describe
+from ._errors import RTAgentError, describe
 from ._events import (
     Event,
     TextDelta,
@@ -52,14 +57,22 @@ from ._events import (
     TurnFailed,
     TurnFinished,
 )
+from ._history import INTERRUPTED, STILL_RUNNING, call_pair, mark_cut_replies, record_cut
 from ._models import ModelSpec, resolve_model
 from ._result import ToolTiming, TurnMetrics, TurnResult
+from ._tools import instrument
 
 DEFAULT_MAX_TURNS = 10
 
 # A consumer that falls this far behind gets consecutive text deltas merged instead of queued, so a
 # slow front end costs latency, never unbounded memory.
 MAX_PENDING_EVENTS = 256
+
+# A model that fails before its first event is retried with exponential backoff, within a budget
+# that keeps "the server is down" under five seconds.
+MODEL_RETRIES = 3
+RETRY_BACKOFF_S = 0.25
+RETRY_BUDGET_S = 2.5
 
 
 class _EventBuffer:
@@ -87,6 +100,13 @@ class _EventBuffer:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def drop_text(self) -> int:
+        """Remove the text deltas not yet taken; returns how many characters they held."""
+        kept = [event for event in self._items if not isinstance(event, TextDelta)]
+        dropped = sum(len(event.text) for event in self._items if isinstance(event, TextDelta))
+        self._items = deque(kept)
+        return dropped
 
     async def get(self) -> Event:
         while not self._items:
@@ -124,14 +144,21 @@ class Turn:
     """A running turn. Iterate it for events; ``result`` holds the outcome once it has ended.
 
     Use it as ``async with rtagent.stream(...) as turn``: leaving the block, or ``break``-ing out of
-    the ``async for``, stops the model and cancels running tools.
+    the ``async for``, stops the model and cancels running tools. ``after`` makes the turn wait
+    for another turn to end before it calls the model (a conversation runs one turn at a time).
     """
 
     def __init__(
-        self, agent: Agent[Any], input: str | list[TResponseInputItem], **options: Unpack[TurnOptions]
+        self,
+        agent: Agent[Any],
+        input: str | list[TResponseInputItem],
+        *,
+        after: Turn | None = None,
+        **options: Unpack[TurnOptions],
     ) -> None:
         self.agent = agent
         self._input = input
+        self._after = after
         self._options = options
         self._events = _EventBuffer(MAX_PENDING_EVENTS)
         self._task: asyncio.Task[None] | None = None
@@ -145,10 +172,17 @@ class Turn:
         self._text: list[str] = []
         self._deltas = 0
         self._model_calls = 0
+        # What the model response in progress has produced: the SDK saves a response only once
+        # it and its tools are done, so this is what an interrupt must save instead.
+        self._response_text: list[str] = []
+        self._response_calls: list[tuple[str, str, str]] = []
         # Tool calls seen in the model stream, by output item id: (call_id, name, argument chunks).
         self._pending_calls: dict[str, tuple[str, str, list[str]]] = {}
         self._announced: set[str] = set()
-        self._tool_started_at: dict[str, float] = {}
+        self._running: dict[str, tuple[str, float]] = {}
+        self._outputs: dict[str, str] = {}
+        self._errors: dict[str, str] = {}
+        self._kept: dict[str, tuple[str, str, asyncio.Future[Any]]] = {}
         self._tool_timings: list[ToolTiming] = []
 
     # -- public surface -------------------------------------------------------------------------
@@ -160,12 +194,20 @@ class Turn:
         self._started_at = time.perf_counter()
         self._events.put(Thinking())
         self._task = asyncio.get_running_loop().create_task(self._drive(), name="rtagent-turn")
+        self._task.add_done_callback(self._on_task_done)
 
     def interrupt(self) -> None:
-        """Stop the model and running tools now; the turn ends with ``result.interrupted``."""
+        """Stop the model and running tools now; the turn ends with ``result.interrupted``.
+
+        Text not yet handed to the consumer is dropped: the result and the session keep exactly
+        what the user was shown.
+        """
         if self._task is None or self._task.done() or self._interrupted:
             return
         self._interrupted = True
+        dropped = self._events.drop_text()
+        if dropped:
+            self._trim(dropped)
         if self._sdk is not None:
             self._sdk.cancel()
         else:
@@ -188,9 +230,9 @@ class Turn:
         return "".join(self._text)
 
     async def wait(self) -> TurnResult:
-        """Run the turn to its end without looking at its events."""
-        self.start()
-        await self._ended.wait()
+        """Run the turn to its end, consuming its events."""
+        async for _ in self:
+            pass
         return self.result
 
     async def aclose(self) -> None:
@@ -229,11 +271,18 @@ class Turn:
     async def _drive(self) -> None:
         error: BaseException | None = None
         try:
+            # A turn that was never started cannot end, so it does not hold this one back.
+            if self._after is not None and self._after._task is not None:
+                await self._after._ended.wait()
             options = self._options
-            model = _Tap(resolve_model(options.get("model"), self.agent), self)
-            run_config = replace(options.get("run_config") or RunConfig(tracing_disabled=True), model=model)
+            run_config = options.get("run_config") or RunConfig(tracing_disabled=True)
+            run_config = replace(
+                run_config,
+                model=_Tap(resolve_model(options.get("model"), self.agent), self),
+                call_model_input_filter=_chain_filter(run_config.call_model_input_filter),
+            )
             self._sdk = Runner.run_streamed(
-                self.agent,
+                instrument(self.agent, self),
                 self._input,
                 context=options.get("context"),
                 max_turns=options.get("max_turns", DEFAULT_MAX_TURNS),
@@ -245,49 +294,76 @@ class Turn:
                 pass
         except asyncio.CancelledError:
             if not self._interrupted:
-                self._finish(None)
+                await self._end(None)
                 raise
         except Exception as exc:
             error = exc
-        self._finish(error)
+        await self._end(error)
 
-    def _finish(self, error: BaseException | None) -> None:
-        now = time.perf_counter()
-        sdk = self._sdk
-        clean = error is None and not self._interrupted and sdk is not None
-        usage_tokens = sdk.context_wrapper.usage.output_tokens if clean and sdk is not None else 0
-        tokens = usage_tokens or self._deltas
-        streaming_s = (
-            self._last_token_at - self._first_token_at
-            if self._first_token_at is not None and self._last_token_at is not None
-            else 0.0
-        )
-        metrics = TurnMetrics(
-            time_to_first_token_s=(
-                None if self._first_token_at is None else self._first_token_at - self._started_at
-            ),
-            tokens=tokens,
-            tokens_per_s=tokens / streaming_s if streaming_s > 0 else None,
-            tools=tuple(self._tool_timings),
-            total_s=now - self._started_at,
-        )
-        self._result = TurnResult(
-            text=self.text,
-            interrupted=self._interrupted,
-            metrics=metrics,
-            new_items=list(sdk.new_items) if clean and sdk is not None else [],
-            final_output=sdk.final_output if clean and sdk is not None else None,
-        )
+    async def _end(self, error: BaseException | None) -> None:
+        cut = error is not None or self._interrupted
+        for call_id, (name, started) in list(self._running.items()):
+            output = STILL_RUNNING if call_id in self._kept else INTERRUPTED
+            self._finish_tool(
+                call_id, name, output, None if call_id in self._kept else "interrupted", started
+            )
+        session = self._options.get("session")
+        if cut and session is not None and (self._response_text or self._response_calls):
+            outputs = {**self._outputs, **dict.fromkeys(self._kept, STILL_RUNNING)}
+            try:
+                await record_cut(session, "".join(self._response_text), self._response_calls, outputs)
+            except Exception as exc:  # a broken session must not hide the turn's own outcome
+                error = error or exc
+            for call_id, (name, arguments, task) in self._kept.items():
+                task.add_done_callback(functools.partial(_record_late, session, call_id, name, arguments))
+        self._close(error)
+
+    def _on_task_done(self, task: asyncio.Task[None]) -> None:
+        # A task cancelled before its first step never runs its body: still end the turn properly.
+        if not self._ended.is_set():
+            self._close(None)
+
+    def _close(self, error: BaseException | None) -> None:
+        self._result = self._make_result(clean=error is None and not self._interrupted)
         if error is None:
             self._events.put(TurnFinished(self._result))
         else:
             self._events.put(TurnFailed(describe(error), self.text, self._result))
         self._ended.set()
 
-    # -- what the tap and the hooks report --------------------------------------------------------
+    def _make_result(self, *, clean: bool) -> TurnResult:
+        sdk = self._sdk if clean else None
+        usage_tokens = sdk.context_wrapper.usage.output_tokens if sdk is not None else 0
+        tokens = usage_tokens or self._deltas
+        first, last = self._first_token_at, self._last_token_at
+        streaming_s = last - first if first is not None and last is not None else 0.0
+        metrics = TurnMetrics(
+            time_to_first_token_s=None if first is None else first - self._started_at,
+            tokens=tokens,
+            tokens_per_s=tokens / streaming_s if streaming_s > 0 else None,
+            tools=tuple(self._tool_timings),
+            total_s=time.perf_counter() - self._started_at,
+        )
+        return TurnResult(
+            text=self.text,
+            interrupted=self._interrupted,
+            metrics=metrics,
+            new_items=list(sdk.new_items) if sdk is not None else [],
+            final_output=sdk.final_output if sdk is not None else None,
+        )
+
+    def _trim(self, chars: int) -> None:
+        """Forget the last ``chars`` characters of text, which the consumer never received."""
+        for parts in (self._text, self._response_text):
+            text = "".join(parts)
+            parts[:] = [text[: max(len(text) - chars, 0)]]
+
+    # -- what the tap, the hooks and the tools report -------------------------------------------
 
     def _on_model_call(self) -> None:
         self._model_calls += 1
+        self._response_text = []
+        self._response_calls = []
         if self._model_calls > 1:
             # The turn's first Thinking went out at start; later model calls (after tools) get one
             # too, so a front end can show that the agent is working on the tools' results.
@@ -301,6 +377,7 @@ class Turn:
             self._last_token_at = now
             self._deltas += 1
             self._text.append(event.delta)
+            self._response_text.append(event.delta)
             self._events.put(TextDelta(event.delta))
         elif isinstance(event, ResponseOutputItemAddedEvent):
             item = event.item
@@ -331,18 +408,77 @@ class Turn:
         if call_id in self._announced:
             return
         self._announced.add(call_id)
+        self._response_calls.append((call_id, name, arguments))
         self._events.put(ToolStarted(call_id, name, arguments))
 
     def _on_tool_start(self, call_id: str, name: str, arguments: str) -> None:
         # Models that do not stream their calls are only seen here.
         self._tool_started(call_id, name, arguments)
-        self._tool_started_at[call_id] = time.perf_counter()
+        self._running[call_id] = (name, time.perf_counter())
 
     def _on_tool_end(self, call_id: str, name: str, output: object) -> None:
-        started = self._tool_started_at.pop(call_id, None)
-        duration = 0.0 if started is None else time.perf_counter() - started
+        running = self._running.pop(call_id, None)
+        if running is not None:
+            self._finish_tool(call_id, name, str(output), self._errors.pop(call_id, None), running[1])
+
+    def _finish_tool(self, call_id: str, name: str, output: str, error: str | None, started: float) -> None:
+        self._running.pop(call_id, None)
+        self._outputs[call_id] = output
+        duration = time.perf_counter() - started
         self._tool_timings.append(ToolTiming(call_id, name, duration))
-        self._events.put(ToolFinished(call_id, name, str(output), None, duration))
+        self._events.put(ToolFinished(call_id, name, output, error, duration))
+
+    def _tool_progress(self, call_id: str, message: str, fraction: float | None) -> None:
+        if call_id in self._running:
+            self._events.put(ToolProgress(call_id, message, fraction))
+
+    def _tool_error(self, call_id: str, text: str) -> None:
+        self._errors[call_id] = text
+
+    def _tool_kept(self, call_id: str, name: str, arguments: str, task: asyncio.Future[Any]) -> None:
+        self._kept[call_id] = (name, arguments, task)
+
+
+def _record_late(
+    session: Session, call_id: str, name: str, arguments: str, task: asyncio.Future[Any]
+) -> None:
+    """Save a background tool's output as a call/output pair of its own, once it arrives."""
+    if task.cancelled():
+        return
+    error = task.exception()
+    output = f"The tool failed: {describe(error)}" if error is not None else str(task.result())
+    pair = call_pair(f"{call_id}-done", name, arguments, output)
+    _late_writes.add(saving := asyncio.ensure_future(session.add_items(pair)))
+    saving.add_done_callback(_late_writes.discard)
+
+
+# Strong references, so a pending write is not garbage-collected before it runs.
+_late_writes: set[asyncio.Future[None]] = set()
+
+
+def _chain_filter(user_filter: CallModelInputFilter | None) -> CallModelInputFilter:
+    if user_filter is None:
+        return mark_cut_replies
+
+    async def both(data: CallModelData[Any]) -> ModelInputData:
+        marked = replace(data, model_data=mark_cut_replies(data))
+        result = user_filter(marked)
+        return await result if inspect.isawaitable(result) else result
+
+    return both
+
+
+def _transient(error: Exception) -> bool:
+    """Worth another try: not a request the server will refuse again, nor a configuration error."""
+    permanent = (
+        openai.BadRequestError,
+        openai.AuthenticationError,
+        openai.PermissionDeniedError,
+        openai.NotFoundError,
+        openai.UnprocessableEntityError,
+        RTAgentError,
+    )
+    return not isinstance(error, permanent)
 
 
 def _is_json(text: str) -> bool:
@@ -403,28 +539,39 @@ class _Tap(Model):
     ) -> AsyncIterator[TResponseStreamEvent]:
         turn = self._turn
         turn._on_model_call()
-        stream = self._inner.stream_response(
-            system_instructions,
-            input,
-            model_settings,
-            tools,
-            output_schema,
-            handoffs,
-            tracing,
-            previous_response_id=previous_response_id,
-            conversation_id=conversation_id,
-            prompt=prompt,
-        )
-        try:
-            async for event in stream:
-                turn._on_model_event(event)
-                yield event
-        finally:
-            # Closing the inner stream closes its HTTP response, which is what makes a model
-            # server stop generating when the turn is interrupted.
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                await aclose()
+        first_attempt = time.monotonic()
+        for attempt in itertools.count():
+            stream = self._inner.stream_response(
+                system_instructions,
+                input,
+                model_settings,
+                tools,
+                output_schema,
+                handoffs,
+                tracing,
+                previous_response_id=previous_response_id,
+                conversation_id=conversation_id,
+                prompt=prompt,
+            )
+            started = False
+            try:
+                async for event in stream:
+                    started = True
+                    turn._on_model_event(event)
+                    yield event
+                return
+            except Exception as exc:
+                # Nothing reached the user yet, so a transient failure can be retried unseen.
+                waited = time.monotonic() - first_attempt
+                if started or attempt >= MODEL_RETRIES or not _transient(exc) or waited > RETRY_BUDGET_S:
+                    raise
+                await asyncio.sleep(RETRY_BACKOFF_S * 2**attempt)
+            finally:
+                # Closing the inner stream closes its HTTP response, which is what makes a model
+                # server stop generating when the turn is interrupted.
+                aclose = getattr(stream, "aclose", None)
+                if aclose is not None:
+                    await aclose()
 
     def get_retry_advice(self, request: ModelRetryAdviceRequest) -> ModelRetryAdvice | None:
         return self._inner.get_retry_advice(request)

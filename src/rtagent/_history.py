@@ -1,0 +1,85 @@
+"""Keeping the conversation whole when a turn is cut short.
+
+The SDK saves a model response to the session only once the response and its tools are done, and
+its ``cancel()`` discards the response in progress. rtagent writes what the user saw instead:
+
+- the partial reply, exactly as delivered, as an assistant message with ``status: "incomplete"``;
+- each tool call of that response with its output, or ``INTERRUPTED`` if it had not finished, so
+  the history stays valid for any OpenAI-compatible API (every call has an output);
+- for a tool that finishes in the background, its real output later, as a call/output pair.
+
+Before a model sees the history, ``mark_cut_replies`` turns the ``incomplete`` status into words,
+so the model knows it was cut off; the session keeps the exact text for front ends.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+from agents.items import TResponseInputItem
+from agents.memory import Session
+from agents.run_config import CallModelData, ModelInputData
+
+INTERRUPTED = "Interrupted by the user before the tool finished."
+STILL_RUNNING = "Still running in the background; its result will be added to the conversation."
+CUT_MARK = "[cut off: the user interrupted this reply]"
+
+
+def cut_reply(text: str) -> TResponseInputItem:
+    """The assistant message for a reply that was cut short."""
+    item: dict[str, Any] = {
+        "type": "message",
+        "role": "assistant",
+        "status": "incomplete",
+        "content": [{"type": "output_text", "text": text, "annotations": []}],
+    }
+    return item  # type: ignore[return-value]
+
+
+def call_pair(call_id: str, name: str, arguments: str, output: str) -> list[TResponseInputItem]:
+    return [
+        {"type": "function_call", "call_id": call_id, "name": name, "arguments": arguments},
+        {"type": "function_call_output", "call_id": call_id, "output": output},
+    ]
+
+
+async def record_cut(
+    session: Session,
+    text: str,
+    calls: Sequence[tuple[str, str, str]],
+    outputs: dict[str, str],
+) -> None:
+    """Append the cut response: its delivered ``text`` and its ``calls`` (id, name, arguments)."""
+    saved = {
+        item.get("call_id")
+        for item in await session.get_items(limit=2 * len(calls) + 4)
+        if isinstance(item, dict) and item.get("type") == "function_call"
+    }
+    items: list[TResponseInputItem] = [cut_reply(text)] if text else []
+    for call_id, name, arguments in calls:
+        if call_id not in saved:
+            items += call_pair(call_id, name, arguments, outputs.get(call_id, INTERRUPTED))
+    if items:
+        await session.add_items(items)
+
+
+def is_cut(item: Any) -> bool:
+    return isinstance(item, dict) and item.get("role") == "assistant" and item.get("status") == "incomplete"
+
+
+def mark_cut_replies(data: CallModelData[Any]) -> ModelInputData:
+    """The model input with each cut reply ending in words that say so."""
+    model_data = data.model_data
+    if not any(is_cut(item) for item in model_data.input):
+        return model_data
+    return replace(model_data, input=[_marked(item) if is_cut(item) else item for item in model_data.input])
+
+
+def _marked(item: TResponseInputItem) -> TResponseInputItem:
+    item = copy.deepcopy(item)
+    content: Any = item["content"]  # type: ignore[typeddict-item]
+    text = content if isinstance(content, str) else "".join(part.get("text", "") for part in content)
+    return {"type": "message", "role": "assistant", "content": f"{text.rstrip()} {CUT_MARK}".lstrip()}

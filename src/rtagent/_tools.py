@@ -1,0 +1,237 @@
+"""What rtagent adds around each tool call: progress reports, honest errors, background finishing,
+and a watchdog that names an ``async def`` tool that blocks the event loop.
+
+A turn runs a copy of the agent whose function tools are wrapped by ``instrument``; the user's
+agent and tools are never modified.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import inspect
+import logging
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+from agents import Agent, FunctionTool
+from agents.run_context import RunContextWrapper
+from agents.tool_context import ToolContext
+
+logger = logging.getLogger("rtagent")
+
+
+class ToolSink(Protocol):
+    """What a running tool reports to (the turn that called it)."""
+
+    def _tool_progress(self, call_id: str, message: str, fraction: float | None) -> None: ...
+    def _tool_error(self, call_id: str, text: str) -> None: ...
+    def _tool_kept(self, call_id: str, name: str, arguments: str, task: asyncio.Future[Any]) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    sink: ToolSink
+    call_id: str
+    loop: asyncio.AbstractEventLoop
+
+
+_current: ContextVar[_Call | None] = ContextVar("rtagent_tool_call", default=None)
+
+
+def progress(message: str, fraction: float | None = None) -> None:
+    """Report what the running tool is doing; the turn emits ``ToolProgress`` at once.
+
+    Works from ``async def`` tools and from plain ``def`` tools (which the SDK runs in a thread).
+    Outside a tool call it does nothing, so tools stay callable on their own.
+    """
+    call = _current.get()
+    if call is None:
+        return
+    if fraction is not None:
+        fraction = min(max(fraction, 0.0), 1.0)
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is call.loop:
+        call.sink._tool_progress(call.call_id, message, fraction)
+    else:
+        call.loop.call_soon_threadsafe(call.sink._tool_progress, call.call_id, message, fraction)
+
+
+class _Invoker:
+    """A wrapper around a function tool's invoker that the SDK still treats as the invoker.
+
+    The SDK rebinds a tool's invoker to every copy of the tool (so a copy's failure policy is its
+    own) and reads markers from it; this forwards both, so wrapping changes nothing else.
+    """
+
+    def __init__(self, inner: Callable[[ToolContext[Any], str], Awaitable[Any]], name: str) -> None:
+        self._inner = inner
+        self._name = name
+
+    def __getattr__(self, attribute: str) -> Any:
+        if attribute in ("_inner", "_name"):
+            raise AttributeError(attribute)
+        return getattr(self._inner, attribute)
+
+    def __agents_bind_function_tool__(self, tool: FunctionTool) -> _Invoker:
+        bind = getattr(self._inner, "__agents_bind_function_tool__", None)
+        clone = copy.copy(self)
+        clone._inner = bind(tool) if callable(bind) else self._inner
+        return clone
+
+
+class _Background(_Invoker):
+    async def __call__(self, context: ToolContext[Any], arguments: str) -> Any:
+        task = asyncio.ensure_future(self._inner(context, arguments))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            call = _current.get()
+            if call is not None and not task.done():
+                call.sink._tool_kept(call.call_id, self._name, arguments, task)
+            else:
+                task.cancel()
+            raise
+
+
+class _Reporting(_Invoker):
+    def __init__(
+        self,
+        inner: Callable[[ToolContext[Any], str], Awaitable[Any]],
+        name: str,
+        sink: ToolSink,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        super().__init__(inner, name)
+        self._sink = sink
+        self._loop = loop
+
+    async def __call__(self, context: ToolContext[Any], arguments: str) -> Any:
+        # The watchdog finds this frame on a blocked loop's stack and reads the tool's name from it.
+        token = _current.set(_Call(self._sink, context.tool_call_id, self._loop))
+        try:
+            return await self._inner(context, arguments)
+        finally:
+            _current.reset(token)
+
+
+def background(tool: FunctionTool) -> FunctionTool:
+    """Mark a tool to finish in the background when its turn is interrupted.
+
+    Its output is then recorded in the session when it arrives, instead of being cancelled.
+    """
+    return replace(tool, on_invoke_tool=_Background(tool.on_invoke_tool, tool.name))
+
+
+def instrument(agent: Agent[Any], sink: ToolSink) -> Agent[Any]:
+    """A copy of ``agent`` whose function tools report to ``sink``."""
+    loop = asyncio.get_running_loop()
+    _Watchdog.ensure(loop)
+    tools = [_instrument(t, sink, loop) if isinstance(t, FunctionTool) else t for t in agent.tools]
+    return agent.clone(tools=tools)
+
+
+ErrorFunction = Callable[[RunContextWrapper[Any], Exception], str | Awaitable[str]]
+
+
+def _instrument(tool: FunctionTool, sink: ToolSink, loop: asyncio.AbstractEventLoop) -> FunctionTool:
+    changes: dict[str, Any] = {"on_invoke_tool": _Reporting(tool.on_invoke_tool, tool.name, sink, loop)}
+    if tool._use_default_failure_error_function:
+        changes["_failure_error_function"] = _reporting(sink, _describe_failure)
+        changes["_use_default_failure_error_function"] = False
+    elif tool._failure_error_function is not None:
+        # The author's own formatter decides what the model sees (for example, to hide details).
+        changes["_failure_error_function"] = _reporting(sink, tool._failure_error_function)
+    if tool.timeout_seconds is not None:
+        seconds = tool.timeout_seconds
+        changes["timeout_error_function"] = _reporting(
+            sink, tool.timeout_error_function or (lambda _ctx, _err: f"timed out after {seconds:g} s")
+        )
+    # The SDK rebinds the invoker to this copy, so the copy's error formatters are the ones used.
+    return replace(tool, **changes)
+
+
+def _describe_failure(_context: RunContextWrapper[Any], error: Exception) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _reporting(sink: ToolSink, formatter: ErrorFunction) -> ErrorFunction:
+    """An error formatter that also tells the turn which call failed, and how."""
+
+    async def report(context: RunContextWrapper[Any], error: Exception) -> str:
+        text = formatter(context, error)
+        if inspect.isawaitable(text):
+            text = await text
+        if isinstance(context, ToolContext) and not isinstance(error, asyncio.CancelledError):
+            sink._tool_error(context.tool_call_id, text)
+        return f"The tool failed: {text}"
+
+    return report
+
+
+class _Watchdog:
+    """Warns, once per tool, when an ``async def`` tool blocks the event loop.
+
+    A heartbeat task on the loop stamps the time; a thread notices when the stamps stop and reads
+    the loop thread's stack to name the tool that holds it, which a check run on the loop itself
+    could only do after the fact.
+    """
+
+    INTERVAL_S = 0.05
+    STALL_S = 0.25
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop_thread = threading.get_ident()
+        self._beat = time.monotonic()
+        self._stop = threading.Event()
+        self._task = loop.create_task(self._heartbeat(), name="rtagent-watchdog")
+        self._task.add_done_callback(lambda _: self._stop.set())
+        threading.Thread(target=self._watch, name="rtagent-watchdog", daemon=True).start()
+
+    @classmethod
+    def ensure(cls, loop: asyncio.AbstractEventLoop) -> None:
+        for old in [old for old in _watchdogs if old.is_closed()]:
+            del _watchdogs[old]
+        if loop not in _watchdogs:
+            _watchdogs[loop] = cls(loop)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            self._beat = time.monotonic()
+            await asyncio.sleep(self.INTERVAL_S)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.INTERVAL_S):
+            if time.monotonic() - self._beat > self.STALL_S:
+                name = self._blocking_tool()
+                if name is not None and name not in warned:
+                    warned.add(name)
+                    logger.warning(
+                        "tool %r is blocking the event loop (the chat freezes while it runs): "
+                        "make it a plain 'def' (the SDK runs those in a thread) or await instead of blocking",
+                        name,
+                    )
+
+    def _blocking_tool(self) -> str | None:
+        frame = sys._current_frames().get(self._loop_thread)
+        while frame is not None:
+            if frame.f_code is _REPORTING_CODE:
+                invoker = frame.f_locals.get("self")
+                return invoker._name if isinstance(invoker, _Reporting) else None
+            frame = frame.f_back
+        return None
+
+
+_REPORTING_CODE = _Reporting.__call__.__code__
+_watchdogs: dict[asyncio.AbstractEventLoop, _Watchdog] = {}
+warned: set[str] = set()
+"""Tools already named in a warning (once per process is enough to explain a freeze)."""

@@ -1,0 +1,190 @@
+"""Conversations: interrupting keeps exactly what the user saw, and the next turn's input is valid."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from agents import Agent, SQLiteSession, function_tool
+
+import rtagent
+from rtagent import TextDelta, ToolFinished, ToolStarted, TurnFailed, TurnFinished
+from rtagent._history import CUT_MARK, INTERRUPTED, STILL_RUNNING
+from rtagent.testing import ScriptedModel, call, fail, reply, tool_calls
+
+WORDS = [f"w{i} " for i in range(500)]
+
+
+def assert_valid_input(items: list[Any]) -> None:
+    """Every function call has exactly one output, after it: what every OpenAI-compatible API needs."""
+    calls = [i["call_id"] for i in items if isinstance(i, dict) and i.get("type") == "function_call"]
+    outputs = [i["call_id"] for i in items if isinstance(i, dict) and i.get("type") == "function_call_output"]
+    assert sorted(calls) == sorted(outputs)
+    assert len(set(calls)) == len(calls)
+    for call_id in calls:
+        kinds = [i.get("type") for i in items if isinstance(i, dict) and i.get("call_id") == call_id]
+        assert kinds == ["function_call", "function_call_output"]
+
+
+async def test_interrupt_at_the_50th_delta_keeps_exactly_the_delivered_text() -> None:
+    model = ScriptedModel([reply(WORDS, delay=0.002), reply("Sure, go on.")])
+    chat = rtagent.Chat(Agent(name="a", model=model))
+    delivered: list[str] = []
+    async with chat.send("tell me everything") as turn:
+        async for event in turn:
+            if isinstance(event, TextDelta):
+                delivered.append(event.text)
+                if len(delivered) == 50:
+                    turn.interrupt()
+    assert len(delivered) == 50
+    assert turn.result.interrupted
+    assert turn.result.text == "".join(delivered)
+
+    history = await chat.history()
+    assert history[0] == {"content": "tell me everything", "role": "user"}
+    cut = history[1]
+    assert cut["role"] == "assistant"  # type: ignore[typeddict-item]
+    assert cut["status"] == "incomplete"  # type: ignore[typeddict-item]
+    assert cut["content"][0]["text"] == "".join(delivered)  # type: ignore[typeddict-item, index]
+    assert len(history) == 2
+
+    await chat.send("and then?").wait()
+    sent = model.calls[1].input
+    assert sent == [
+        {"content": "tell me everything", "role": "user"},
+        {"type": "message", "role": "assistant", "content": "".join(delivered).rstrip() + " " + CUT_MARK},
+        {"content": "and then?", "role": "user"},
+    ]
+
+
+async def test_interrupt_while_tools_run_gives_each_unfinished_call_an_output() -> None:
+    @function_tool
+    async def fast() -> str:
+        """Returns at once."""
+        return "fast result"
+
+    @function_tool
+    async def stuck() -> str:
+        """Never returns by itself."""
+        await asyncio.sleep(60)
+        return "never"
+
+    model = ScriptedModel(
+        [tool_calls(call("fast", call_id="f"), call("stuck", call_id="s"), text="Checking. "), reply("ok")]
+    )
+    chat = rtagent.Chat(Agent(name="a", model=model, tools=[fast, stuck]))
+    finished: dict[str, ToolFinished] = {}
+    async with chat.send("go") as turn:
+        async for event in turn:
+            if isinstance(event, ToolFinished):
+                finished[event.call_id] = event
+                if event.call_id == "f":
+                    turn.interrupt()
+    assert finished["f"].error is None
+    assert finished["s"].error == "interrupted"
+
+    history = await chat.history()
+    assert_valid_input(history)
+    outputs = {i["call_id"]: i["output"] for i in history if i.get("type") == "function_call_output"}  # type: ignore[union-attr, typeddict-item]
+    assert outputs == {"f": "fast result", "s": INTERRUPTED}
+    assert history[1]["content"][0]["text"] == "Checking. "  # type: ignore[typeddict-item, index]
+
+    await chat.send("next").wait()
+    assert_valid_input(model.calls[1].input)  # type: ignore[arg-type]
+
+
+async def test_background_tool_finishes_and_its_output_is_recorded() -> None:
+    @rtagent.background
+    @function_tool
+    async def report(topic: str) -> str:
+        """Takes a while and must not be lost."""
+        await asyncio.sleep(0.3)
+        return f"report on {topic}"
+
+    model = ScriptedModel([tool_calls(call("report", {"topic": "sales"}, call_id="r")), reply("ok")])
+    session = SQLiteSession("bg")
+    async with rtagent.stream(Agent(name="a", model=model, tools=[report]), "go", session=session) as turn:
+        async for event in turn:
+            if isinstance(event, ToolStarted):
+                await asyncio.sleep(0.05)
+                turn.interrupt()
+            if isinstance(event, ToolFinished):
+                assert event.output == STILL_RUNNING
+    assert turn.result.interrupted
+    await asyncio.sleep(0.5)
+    history = await session.get_items()
+    assert_valid_input(history)
+    outputs = [i["output"] for i in history if i.get("type") == "function_call_output"]  # type: ignore[union-attr, typeddict-item]
+    assert outputs == [STILL_RUNNING, "report on sales"]
+
+
+async def test_error_after_20_deltas_delivers_all_20_first_and_keeps_them() -> None:
+    # One burst with no yield to the loop: the SDK's own stream would drop the queued deltas.
+    burst = reply([f"d{i} " for i in range(20)], yield_to_loop=False)
+    model = ScriptedModel([fail(RuntimeError("connection reset"), after=burst)])
+    chat = rtagent.Chat(Agent(name="a", model=model))
+    events = [event async for event in chat.send("go")]
+    deltas = [e.text for e in events if isinstance(e, TextDelta)]
+    assert deltas == [f"d{i} " for i in range(20)]
+    failed = events[-1]
+    assert isinstance(failed, TurnFailed)
+    assert failed.error == "RuntimeError: connection reset"
+    assert failed.partial_text == "".join(deltas)
+    history = await chat.history()
+    assert history[-1]["content"][0]["text"] == "".join(deltas)  # type: ignore[typeddict-item, index]
+    assert history[-1]["status"] == "incomplete"  # type: ignore[typeddict-item]
+
+
+async def test_new_message_interrupts_the_running_reply_by_default() -> None:
+    model = ScriptedModel([reply(WORDS, delay=0.005), reply("Second answer.")])
+    chat = rtagent.Chat(Agent(name="a", model=model))
+    first = chat.send("first")
+    seen = 0
+    async with first:
+        async for event in first:
+            if isinstance(event, TextDelta):
+                seen += 1
+                if seen == 10:
+                    second = chat.send("second")
+    assert isinstance(event, TurnFinished)
+    assert first.result.interrupted
+    assert seen < 20
+    result = await second.wait()
+    assert result.text == "Second answer."
+    assert model.calls[1].input[-1] == {"content": "second", "role": "user"}  # type: ignore[index]
+
+
+async def test_queue_policy_waits_for_the_running_reply() -> None:
+    model = ScriptedModel([reply("First answer.", delay=0.01), reply("Second answer.")])
+    chat = rtagent.Chat(Agent(name="a", model=model), policy="queue")
+    first = chat.send("first")
+    first.start()
+    second = chat.send("second")
+    assert (await second.wait()).text == "Second answer."
+    assert (await first.wait()).text == "First answer."
+    assert not first.result.interrupted
+
+
+async def test_max_turns_exceeded_gives_a_clear_message_and_intact_history() -> None:
+    @function_tool
+    def again() -> str:
+        """Always asks to be called again."""
+        return "call me again"
+
+    model = ScriptedModel([tool_calls(call("again")) for _ in range(3)])
+    chat = rtagent.Chat(Agent(name="a", model=model, tools=[again]), max_turns=2)
+    events = [event async for event in chat.send("loop")]
+    failed = events[-1]
+    assert isinstance(failed, TurnFailed)
+    assert "turn limit" in failed.error
+    assert "\n" not in failed.error
+    assert_valid_input(await chat.history())
+
+
+async def test_chat_stays_usable_after_a_failed_turn() -> None:
+    model = ScriptedModel([*[fail(RuntimeError("down"))] * 4, reply("back")])
+    chat = rtagent.Chat(Agent(name="a", model=model))
+    assert isinstance([e async for e in chat.send("one")][-1], TurnFailed)
+    last = [e async for e in chat.send("two")][-1]
+    assert isinstance(last, TurnFinished)
+    assert last.result.text == "back"
