@@ -47,12 +47,14 @@ class Chat:
         return self._turn
 
     def send(self, text: str, *, policy: Policy | None = None) -> Turn:
-        """Start a turn for ``text``; iterate the returned turn for its events."""
+        """Start a turn for ``text`` (needs a running event loop); iterate the turn for its events."""
         previous = self._turn
         if previous is not None and (policy or self.policy) == "interrupt":
             previous.interrupt()
         turn = Turn(self.agent, text, after=previous, **self._options)
         self._turn = turn
+        # Started at once, so that a conversation moves on whether or not anyone reads this turn.
+        turn.start()
         return turn
 
     async def history(self) -> list[TResponseInputItem]:

@@ -166,7 +166,7 @@ class Turn:
         self._interrupted = False
         self._result: TurnResult | None = None
         self._ended = asyncio.Event()
-        self._started_at = 0.0
+        self._started_at = time.perf_counter()
         self._first_token_at: float | None = None
         self._last_token_at: float | None = None
         self._text: list[str] = []
@@ -189,7 +189,7 @@ class Turn:
 
     def start(self) -> None:
         """Start the turn (idempotent). Entering ``async with`` or iterating calls it for you."""
-        if self._task is not None:
+        if self._task is not None or self._ended.is_set():
             return
         self._started_at = time.perf_counter()
         self._events.put(Thinking())
@@ -202,9 +202,12 @@ class Turn:
         Text not yet handed to the consumer is dropped: the result and the session keep exactly
         what the user was shown.
         """
-        if self._task is None or self._task.done() or self._interrupted:
+        if self._ended.is_set() or self._interrupted:
             return
         self._interrupted = True
+        if self._task is None:  # never started: nothing ran, so it ends at once
+            self._close(None)
+            return
         dropped = self._events.drop_text()
         if dropped:
             self._trim(dropped)
@@ -271,8 +274,7 @@ class Turn:
     async def _drive(self) -> None:
         error: BaseException | None = None
         try:
-            # A turn that was never started cannot end, so it does not hold this one back.
-            if self._after is not None and self._after._task is not None:
+            if self._after is not None:
                 await self._after._ended.wait()
             options = self._options
             run_config = options.get("run_config") or RunConfig(tracing_disabled=True)
@@ -468,6 +470,9 @@ def _chain_filter(user_filter: CallModelInputFilter | None) -> CallModelInputFil
     return both
 
 
+_DELTAS = (ResponseTextDeltaEvent, ResponseFunctionCallArgumentsDeltaEvent)
+
+
 def _transient(error: Exception) -> bool:
     """Worth another try: not a request the server will refuse again, nor a configuration error."""
     permanent = (
@@ -558,7 +563,10 @@ class _Tap(Model):
                 async for event in stream:
                     started = True
                     turn._on_model_event(event)
-                    yield event
+                    # The SDK builds its items from the completed response, so deltas, which rtagent
+                    # has already delivered, would only cost it work per token: they stop here.
+                    if not isinstance(event, _DELTAS):
+                        yield event
                 return
             except Exception as exc:
                 # Nothing reached the user yet, so a transient failure can be retried unseen.

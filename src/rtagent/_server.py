@@ -1,0 +1,543 @@
+"""``rtagent serve``: an agent behind the AG-UI protocol, over Server-Sent Events and WebSocket.
+
+=========================================  =========================================================
+``POST /agui`` (also ``POST /``)           a ``RunAgentInput`` -> the run's AG-UI events as SSE
+``GET /ws/{thread}`` (WebSocket)           the same events as JSON text frames; the client sends
+                                           ``{"type": "send", "text": ...}`` and ``{"type": "stop"}``
+``POST /threads/{thread}/stop``            interrupt the thread's running turn
+``GET /threads/{thread}/messages``         the history as AG-UI messages, to reload a page
+``DELETE /threads/{thread}``               forget a conversation
+``GET /healthz``, ``GET /metrics``         liveness; Prometheus metrics
+``GET /``, ``/static/...``                 the browser page, when ``rtagent/static`` has one
+=========================================  =========================================================
+
+The server owns the history: the AG-UI ``threadId`` is the session id, conversations live in one
+SQLite file, and of the messages a client sends only the last one, the new user message, is used.
+A run is one turn of a thread's ``Chat``, so a message sent while a turn runs follows the chat's
+policy (interrupt it, by default), and a stop or a client that goes away interrupts the turn with
+the usual semantics: what the user saw is kept in the history, marked as cut off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import json
+import logging
+import os
+import sqlite3
+import sys
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from ag_ui.core import RunErrorEvent
+from ag_ui.encoder import EventEncoder
+from agents import Agent, SQLiteSession
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+from starlette.types import Message, Receive, Scope, Send
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from ._agui import AguiRun, dump, history_messages
+from ._chat import Chat, Policy
+from ._errors import RTAgentError, describe
+from ._limits import (
+    AccessLog,
+    Guard,
+    InputError,
+    Limits,
+    Metrics,
+    RateLimiter,
+    check_text,
+    check_thread_id,
+    client_of,
+    deny,
+    error,
+    error_json,
+    is_loopback,
+    log,
+    parse_json,
+    parse_run_input,
+    read_body,
+)
+from ._models import ModelSpec, resolve_model
+
+DEFAULT_DB = "rtagent.db"
+STATIC = Path(__file__).with_name("static")
+ENCODER = EventEncoder()
+SERVER_ERROR = RunErrorEvent(
+    message="the server failed during this run; its log has details", code="server_error"
+)
+SSE_HEADERS = [
+    (b"content-type", ENCODER.get_content_type().encode()),
+    (b"cache-control", b"no-store"),
+    (b"x-accel-buffering", b"no"),  # nginx would otherwise hold events back in its buffer
+]
+
+
+class _EventStream:
+    """The SSE response: one run's events, encoded by the AG-UI ``EventEncoder``.
+
+    Unlike Starlette's ``StreamingResponse`` (and sse-starlette), a client that goes away does not
+    cancel the stream: it interrupts the turn, which then ends the normal way, saving what the user
+    saw. The events after that are drained unsent. A keep-alive comment goes out every ``ping_s``.
+    """
+
+    def __init__(self, run: AguiRun, server: _Server) -> None:
+        self.run = run
+        self.metrics = server.metrics
+        self.ping_s = server.limits.ping_s
+        self._open = True
+        self._pinging: asyncio.Future[None] | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        metrics = self.metrics
+        metrics.connections.inc()
+        watcher = asyncio.create_task(self._watch(receive))
+        self._timer = asyncio.get_running_loop().call_later(self.ping_s, self._ping, send)
+        encode = ENCODER.encode
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+            async for event in self.run.events():
+                if self._open:
+                    body = encode(event).encode()
+                    await send({"type": "http.response.body", "body": body, "more_body": True})
+            self._open = False
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:  # the connection broke under a send
+            self.run.interrupt()
+        except Exception:  # a bug of ours: the client still gets an end it understands
+            log.exception("streaming a run of thread %s failed", self.run.thread_id)
+            if self._open:
+                body = encode(SERVER_ERROR).encode()
+                await send({"type": "http.response.body", "body": body, "more_body": False})
+        finally:
+            self._open = False
+            self._timer.cancel()
+            watcher.cancel()
+            await self.run.aclose()
+            metrics.connections.dec()
+
+    async def _watch(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        if self._open:
+            self._open = False
+            self.run.interrupt()
+
+    def _ping(self, send: Send) -> None:
+        # A timer, not a task per stream: a thousand quiet streams cost a thousand timer entries.
+        if self._open:
+            self._pinging = asyncio.ensure_future(self._send_ping(send))
+            self._timer = asyncio.get_running_loop().call_later(self.ping_s, self._ping, send)
+
+    async def _send_ping(self, send: Send) -> None:
+        with contextlib.suppress(Exception):  # racing the end of the stream is harmless
+            if self._open:
+                await send({"type": "http.response.body", "body": b": ping\n\n", "more_body": True})
+
+
+class _Session(SQLiteSession):
+    """The SDK's ``SQLiteSession`` (same file, same tables), on the server's one shared connection.
+
+    The SDK opens a connection per session and per worker thread, yet every operation on a file
+    holds one process-wide lock: a thousand conversations held thousands of file descriptors (and
+    paid a connect each) for no added concurrency. Here every session uses one connection, under
+    one lock.
+    """
+
+    def __init__(self, session_id: str, db: _Database) -> None:
+        super().__init__(session_id, db.path)
+        self._lock = db.lock
+        self._db = db
+        with db.lock:
+            if not db.ready:  # the tables, on this connection (for ":memory:", the only place)
+                self._init_db_for_connection(db.connection)
+                db.ready = True
+
+    def _get_connection(self) -> sqlite3.Connection:
+        self._check_not_closed()
+        return self._db.connection
+
+    def _invalidate_connection(self, conn: sqlite3.Connection) -> None:
+        pass  # the SDK would close it after a failed rollback; shared, it must stay open
+
+
+class _Database:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.lock = threading.RLock()
+        self.connection = sqlite3.connect(path, check_same_thread=False)
+        SQLiteSession._configure_connection(self.connection)
+        self.ready = False
+
+
+class _Server:
+    """The conversations of one app: a ``Chat`` per thread, loaded from SQLite when first used."""
+
+    def __init__(
+        self,
+        agent: Agent[Any],
+        model: ModelSpec,
+        db_path: str | Path,
+        policy: Policy,
+        limits: Limits,
+        cors_origins: Sequence[str],
+    ) -> None:
+        self.agent = agent
+        self.cors_origins = frozenset(cors_origins)
+        self.model = resolve_model(model, agent)  # a bad spec fails here, at start-up, in one line
+        self.db = _Database(str(db_path))
+        self.policy: Policy = policy
+        self.limits = limits
+        self.metrics = Metrics()
+        self.limiter = RateLimiter(limits.rate_per_s, limits.burst) if limits.rate_per_s > 0 else None
+        self._chats: OrderedDict[str, Chat] = OrderedDict()
+        self._active = 0
+
+    # -- conversations --------------------------------------------------------------------------
+
+    async def chat(self, thread_id: str) -> Chat:
+        chat = self._chats.get(thread_id)
+        if chat is None:
+            # Opening the session touches the file (schema, WAL): not on the event loop.
+            session = await asyncio.to_thread(_Session, thread_id, self.db)
+            chat = self._chats.get(thread_id)  # another request may have loaded it meanwhile
+            if chat is None:
+                self._make_room()
+                chat = self._chats[thread_id] = Chat(
+                    self.agent, session=session, policy=self.policy, model=self.model
+                )
+                self.metrics.sessions.set(len(self._chats))
+        self._chats.move_to_end(thread_id)
+        return chat
+
+    def _make_room(self) -> None:
+        # The oldest idle chats go (a busy one never does): their history is in the database, and a
+        # background tool still running keeps its own reference to the session it writes to.
+        excess = len(self._chats) + 1 - self.limits.loaded_threads
+        if excess > 0:
+            idle = (thread_id for thread_id, chat in self._chats.items() if _idle(chat))
+            for thread_id in list(itertools.islice(idle, excess)):
+                del self._chats[thread_id]
+
+    async def known_chat(self, thread_id: str) -> Chat:
+        """The chat of a thread that exists (is loaded or has history), else 404."""
+        loaded = thread_id in self._chats
+        chat = await self.chat(check_thread_id(thread_id))
+        if not loaded and not await chat.session.get_items(limit=1):
+            self._chats.pop(thread_id, None)
+            raise InputError(f"no conversation with thread id {thread_id!r}", 404, "unknown_thread")
+        return chat
+
+    async def start_run(self, thread_id: str, run_id: str, text: str | None) -> AguiRun:
+        chat = await self.chat(thread_id)
+        turn = None
+        if text is not None:
+            if self._active >= self.limits.max_turns:
+                message = f"the server runs its maximum of {self.limits.max_turns} turns; try again shortly"
+                raise InputError(message, 503, "overloaded")
+            self._active += 1
+            self.metrics.turns.inc()
+            turn = chat.send(text)
+        return AguiRun(thread_id, run_id, chat, turn, observe=self.metrics.observe, on_end=self.turn_ended)
+
+    def turn_ended(self) -> None:
+        self._active -= 1
+        self.metrics.turns.dec()
+
+    async def aclose(self) -> None:
+        """Interrupt every running turn, wait (briefly) for their histories to be saved, close the file."""
+        closing = [chat.aclose() for chat in self._chats.values()]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*closing, return_exceptions=True), 10)
+        self._chats.clear()
+        with self.db.lock:
+            self.db.connection.close()
+
+    # -- HTTP endpoints -------------------------------------------------------------------------
+
+    async def agui(self, request: Request) -> Response:
+        body = await read_body(request, self.limits.max_body_bytes)
+        run_input, text = parse_run_input(body, self.limits.max_message_chars)
+        request.state.thread_id = run_input.thread_id
+        run = await self.start_run(run_input.thread_id, run_input.run_id, text)
+        # Starlette only calls what an endpoint returns; the stream is an ASGI app, not a Response.
+        return _EventStream(run, self)  # type: ignore[return-value]
+
+    def interrupt(self, thread_id: str) -> bool:
+        """Interrupt the thread's running turn; whether there was one."""
+        chat = self._chats.get(thread_id)
+        if chat is None or _idle(chat):
+            return False
+        assert chat.turn is not None
+        chat.turn.interrupt()
+        return True
+
+    async def stop(self, request: Request) -> Response:
+        thread_id = request.path_params["thread_id"]
+        await self.known_chat(thread_id)
+        return JSONResponse({"threadId": thread_id, "stopped": self.interrupt(thread_id)})
+
+    async def messages(self, request: Request) -> Response:
+        thread_id = request.path_params["thread_id"]
+        chat = await self.known_chat(thread_id)
+        messages = [dump(m) for m in history_messages(await chat.history())]
+        return JSONResponse({"threadId": thread_id, "messages": messages})
+
+    async def delete(self, request: Request) -> Response:
+        thread_id = request.path_params["thread_id"]
+        chat = await self.known_chat(thread_id)
+        await chat.aclose()
+        await chat.session.clear_session()
+        self._chats.pop(thread_id, None)
+        self.metrics.sessions.set(len(self._chats))
+        return Response(status_code=204)
+
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok", "turns": self._active, "threads": len(self._chats)})
+
+    async def prometheus(self, request: Request) -> Response:
+        body, content_type = self.metrics.render()
+        return Response(body, headers={"Content-Type": content_type})
+
+    async def index(self, request: Request) -> Response:
+        page = STATIC / "index.html"
+        if not page.is_file():
+            return error(404, "not_found", "this server has no page; use the AG-UI API at POST /agui")
+        return FileResponse(page)
+
+    # -- WebSocket ------------------------------------------------------------------------------
+
+    async def websocket(self, ws: WebSocket) -> None:
+        await _Socket(self, ws).serve()
+
+
+class _Socket:
+    """The WebSocket transport: commands in, the same AG-UI events out, as JSON text frames.
+
+    Runs are pumped one after another, so a message sent while a turn streams (which interrupts it,
+    by the chat's policy) gets its RUN_STARTED only after the earlier run's RUN_FINISHED.
+    """
+
+    def __init__(self, server: _Server, ws: WebSocket) -> None:
+        self.server = server
+        self.ws = ws
+        self.thread_id: str = ws.path_params["thread_id"]
+        self.runs: asyncio.Queue[AguiRun | None] = asyncio.Queue()
+        self.live: list[AguiRun] = []  # queued or streaming
+        self.open = False
+        self.sending = asyncio.Lock()  # error replies and events come from two tasks
+
+    async def serve(self) -> None:
+        ws = self.ws
+        try:
+            check_thread_id(self.thread_id)
+            self._check_origin()
+        except InputError as exc:
+            await deny(ws.scope, ws.receive, ws.send, error(exc.status, exc.code, str(exc)))
+            return
+        await ws.accept()
+        self.open = True
+        self.server.metrics.connections.inc()
+        pump = asyncio.create_task(self._pump())
+        try:
+            while (message := await ws.receive())["type"] != "websocket.disconnect":
+                try:
+                    await self._command(message)
+                except InputError as exc:
+                    await self._send(json.dumps({"type": "error", "error": exc.code, "message": str(exc)}))
+        finally:
+            self._gone()
+            self.runs.put_nowait(None)
+            await asyncio.shield(pump)
+            self.server.metrics.connections.dec()
+
+    async def _command(self, message: Message) -> None:
+        limits = self.server.limits
+        text = message.get("text")
+        if text is None:
+            raise InputError("send commands as JSON text frames", 400, "binary_frame")
+        if len(text) > limits.max_body_bytes:
+            raise InputError(f"the frame is over {limits.max_body_bytes} bytes", 413, "payload_too_large")
+        command = parse_json(text)
+        kind = command.get("type") if isinstance(command, dict) else None
+        if kind == "stop":
+            self.server.interrupt(self.thread_id)
+            return
+        if kind != "send":
+            raise InputError('a command is {"type": "send", "text": "..."} or {"type": "stop"}')
+        if not isinstance(command.get("text"), str):
+            raise InputError('"text" must be a string')
+        run_id = command.get("runId") or uuid.uuid4().hex
+        if not isinstance(run_id, str) or len(run_id) > 128:
+            raise InputError('"runId" must be a string of at most 128 characters')
+        limiter = self.server.limiter
+        wait = limiter.wait(client_of(self.ws.scope)) if limiter is not None else 0.0
+        if wait > 0:
+            raise InputError(f"too many messages; try again in {wait:.1f} s", 429, "rate_limited")
+        new = check_text(command["text"], limits.max_message_chars)
+        run = await self.server.start_run(self.thread_id, run_id, new)
+        self.live.append(run)
+        self.runs.put_nowait(run)
+
+    async def _pump(self) -> None:
+        while (run := await self.runs.get()) is not None:
+            try:
+                async for event in run.events():
+                    if self.open:
+                        await self._send(event.model_dump_json(by_alias=True))
+            except Exception:
+                log.exception("streaming a run of thread %s failed", self.thread_id)
+                if self.open:
+                    await self._send(SERVER_ERROR.model_dump_json(by_alias=True))
+            finally:
+                await run.aclose()
+                self.live.remove(run)
+
+    async def _send(self, text: str) -> None:
+        try:
+            async with self.sending:
+                await self.ws.send_text(text)
+        except (OSError, RuntimeError, WebSocketDisconnect):
+            self._gone()
+
+    def _gone(self) -> None:
+        self.open = False
+        for run in self.live:
+            run.interrupt()
+
+    def _check_origin(self) -> None:
+        # CORS does not cover WebSockets: a browser lets any site open one to any host. Only the
+        # page's own origin and the configured ones may, so no other site can drive a conversation.
+        origin = self.ws.headers.get("origin")
+        if origin is None or origin in self.server.cors_origins:
+            return
+        if urlsplit(origin).netloc != self.ws.headers.get("host"):
+            raise InputError(f"origin {origin} may not open a WebSocket here", 403, "forbidden_origin")
+
+
+def _idle(chat: Chat) -> bool:
+    return chat.turn is None or chat.turn.done
+
+
+def create_app(
+    agent: Agent[Any],
+    *,
+    model: ModelSpec = None,
+    db_path: str | Path = DEFAULT_DB,
+    token: str | None = None,
+    cors_origins: Sequence[str] = (),
+    policy: Policy = "interrupt",
+    limits: Limits | None = None,
+) -> Starlette:
+    """The ASGI app serving ``agent`` (run it with uvicorn); see the module docstring for the API.
+
+    ``token``: every API request must then carry ``Authorization: Bearer TOKEN``. ``cors_origins``:
+    the browser origins allowed to call the API from other sites (none by default).
+    """
+    server = _Server(agent, model, db_path, policy, limits or Limits(), cors_origins)
+    thread = "/threads/{thread_id}"
+    routes: list[Route | WebSocketRoute | Mount] = [
+        Route("/agui", server.agui, methods=["POST"]),
+        Route("/", server.agui, methods=["POST"]),
+        Route("/", server.index, methods=["GET"]),
+        WebSocketRoute("/ws/{thread_id}", server.websocket),
+        Route(f"{thread}/stop", server.stop, methods=["POST"]),
+        Route(f"{thread}/messages", server.messages, methods=["GET"]),
+        Route(thread, server.delete, methods=["DELETE"]),
+        Route("/healthz", server.healthz, methods=["GET"]),
+        Route("/metrics", server.prometheus, methods=["GET"]),
+    ]
+    if STATIC.is_dir():
+        routes.append(Mount("/static", StaticFiles(directory=STATIC)))
+    middleware = [Middleware(AccessLog, on_status=server.metrics.status)]
+    if cors_origins:
+        # Outside the guard: a browser's preflight carries no token and must still be answered.
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(cors_origins),
+                allow_methods=["GET", "POST", "DELETE"],
+                allow_headers=["Authorization", "Content-Type", "Accept"],
+            )
+        )
+    middleware.append(Middleware(Guard, token=token, limiter=server.limiter))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        warm = getattr(server.model, "warm", None)
+        if warm is not None:  # the embedded model starts now, not on the first person's message
+            await warm()
+        yield
+        await server.aclose()
+
+    app = Starlette(
+        routes=routes,
+        middleware=middleware,
+        lifespan=lifespan,
+        exception_handlers=dict.fromkeys(
+            (InputError, HTTPException, ClientDisconnect, Exception), error_json
+        ),
+    )
+    app.state.server = server
+    return app
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    """``rtagent serve [AGENT] [--model SPEC] [--host H] [--port P] [--token T] [--db PATH]
+    [--cors-origin ORIGIN]... [--max-turns N] [--rate-limit PER_S]``: serve until Ctrl-C.
+
+    Returns the exit status. Every attribute of ``args`` is optional (``None`` means the default).
+    """
+    import uvicorn
+
+    from ._loading import load_agent
+
+    host: str = getattr(args, "host", None) or "127.0.0.1"
+    port: int = getattr(args, "port", None) or 8000
+    token: str | None = getattr(args, "token", None) or os.environ.get("RTAGENT_TOKEN") or None
+    if token is None and not is_loopback(host):
+        needs = "needs a token: pass --token or set RTAGENT_TOKEN"
+        print(f"rtagent serve: listening on {host} {needs}", file=sys.stderr)
+        return 2
+    spec = getattr(args, "model", None) or os.environ.get("RTAGENT_MODEL") or None
+    overrides = {
+        "max_turns": getattr(args, "max_turns", None),
+        "rate_per_s": getattr(args, "rate_limit", None),
+    }
+    limits = dataclasses.replace(Limits(), **{k: v for k, v in overrides.items() if v is not None})
+    try:
+        app = create_app(
+            load_agent(getattr(args, "agent", None)),
+            model=spec,
+            db_path=getattr(args, "db", None) or DEFAULT_DB,
+            token=token,
+            cors_origins=getattr(args, "cors_origin", None) or (),
+            limits=limits,
+        )
+    except RTAgentError as exc:
+        print(f"rtagent serve: {describe(exc)}", file=sys.stderr)
+        return 2
+    access = logging.getLogger("rtagent.access")  # its JSON lines, as they are, on stderr
+    access.addHandler(logging.StreamHandler())
+    access.setLevel(logging.INFO)
+    access.propagate = False
+    # uvicorn's own access log is off: ours is structured and knows the thread.
+    options: dict[str, Any] = {"access_log": False, "ws": "websockets-sansio", "timeout_graceful_shutdown": 5}
+    uvicorn.run(app, host=host, port=port, ws_max_size=limits.max_body_bytes, **options)
+    return 0

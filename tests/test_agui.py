@@ -1,0 +1,224 @@
+"""The rtagent <-> AG-UI mapping: events of a turn, the request body, and the history as messages."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from ag_ui.core import BaseEvent, Event, UserMessage
+from ag_ui.encoder import EventEncoder
+from agents import Agent, SQLiteSession, function_tool
+from pydantic import TypeAdapter
+
+import rtagent
+from rtagent._agui import RunMapper, dump, history_messages
+from rtagent._events import (
+    TextDelta,
+    Thinking,
+    ToolFinished,
+    ToolProgress,
+    ToolStarted,
+    TurnFailed,
+    TurnFinished,
+)
+from rtagent._history import call_pair, cut_reply
+from rtagent._limits import InputError, parse_run_input
+from rtagent._result import TurnMetrics, TurnResult
+from rtagent.testing import ScriptedModel, call, reply, tool_calls
+
+EVENTS = TypeAdapter(list[Event])
+
+
+def result(text: str = "", interrupted: bool = False) -> TurnResult:
+    return TurnResult(text, interrupted, TurnMetrics(0.1, 3, 30.0, (), 0.2))
+
+
+def wire(events: list[BaseEvent]) -> list[dict[str, Any]]:
+    """What a client receives: the encoder's JSON, checked against the protocol's own models."""
+    encoded = [EventEncoder().encode(e).removeprefix("data: ").rstrip("\n") for e in events]
+    EVENTS.validate_json("[" + ",".join(encoded) + "]")
+    return [json.loads(line) for line in encoded]
+
+
+def mapped(*events: Any) -> list[dict[str, Any]]:
+    mapper = RunMapper("t", "r")
+    out: list[BaseEvent] = [mapper.started()]
+    for event in events:
+        out += mapper.map(event)
+    return wire(out)
+
+
+def test_text_and_tool_calls_of_one_response_share_a_message() -> None:
+    events = mapped(
+        Thinking(),
+        TextDelta("Checking"),
+        TextDelta(""),  # empty deltas carry nothing and are not sent
+        ToolStarted("c1", "lookup", '{"q":1}'),
+        ToolStarted("c2", "weather", ""),
+        ToolFinished("c2", "weather", "sunny", duration_s=0.5),
+        ToolFinished("c1", "lookup", "", error="ValueError: no", duration_s=1.0),
+        Thinking(),
+        TextDelta("Done."),
+        TurnFinished(result("Checking Done.")),
+    )
+    assert [e["type"] for e in events] == [
+        "RUN_STARTED",
+        "STEP_STARTED",
+        "STEP_FINISHED",
+        "TEXT_MESSAGE_START",
+        "TEXT_MESSAGE_CONTENT",
+        "TEXT_MESSAGE_END",
+        "TOOL_CALL_START",
+        "TOOL_CALL_ARGS",
+        "TOOL_CALL_END",
+        "TOOL_CALL_START",
+        "TOOL_CALL_END",  # no arguments: no ARGS event
+        "TOOL_CALL_RESULT",
+        "TOOL_CALL_RESULT",
+        "STEP_STARTED",
+        "STEP_FINISHED",
+        "TEXT_MESSAGE_START",
+        "TEXT_MESSAGE_CONTENT",
+        "TEXT_MESSAGE_END",
+        "RUN_FINISHED",
+    ]
+    first_text, second_text = (e["messageId"] for e in events if e["type"] == "TEXT_MESSAGE_START")
+    assert first_text != second_text
+    assert {e["parentMessageId"] for e in events if e["type"] == "TOOL_CALL_START"} == {first_text}
+    results = [e for e in events if e["type"] == "TOOL_CALL_RESULT"]
+    assert results[0]["metadata"] == {"rtagent": {"durationS": 0.5}}
+    assert results[1]["metadata"] == {"rtagent": {"durationS": 1.0, "error": "ValueError: no"}}
+    assert events[-1]["result"]["metrics"]["tokensPerS"] == 30.0
+
+
+def test_a_tool_only_response_still_gets_a_parent_message() -> None:
+    events = mapped(Thinking(), ToolStarted("c1", "lookup", "{}"), ToolStarted("c2", "lookup", "{}"))
+    parents = [e["parentMessageId"] for e in events if e["type"] == "TOOL_CALL_START"]
+    assert parents[0] == parents[1] == "r-1"
+
+
+def test_progress_is_an_activity_closed_when_the_tool_ends() -> None:
+    events = mapped(
+        ToolStarted("c1", "search", "{}"),
+        ToolProgress("c1", "ranking", 0.8),
+        ToolProgress("c1", "almost"),
+        ToolFinished("c1", "search", "3 books", duration_s=0.2),
+    )
+    activities = [e for e in events if e["type"] == "ACTIVITY_SNAPSHOT"]
+    assert {e["messageId"] for e in activities} == {"r-c1-progress"}
+    assert {e["activityType"] for e in activities} == {"tool_progress"}
+    first, second, done = (e["content"] for e in activities)
+    assert first["message"] == "ranking"
+    assert first["fraction"] == 0.8
+    assert "fraction" not in second
+    assert done["done"] is True
+    assert done["toolName"] == "search"
+    assert done["elapsedS"] >= first["elapsedS"] >= 0
+
+
+def test_an_interrupted_turn_closes_what_is_open_and_says_cancelled() -> None:
+    events = mapped(Thinking(), TextDelta("Half"), TurnFinished(result("Half", interrupted=True)))
+    assert [e["type"] for e in events][-2:] == ["TEXT_MESSAGE_END", "RUN_FINISHED"]
+    assert events[-1]["outcome"] == {"type": "cancelled"}
+    assert events[-1]["result"]["interrupted"] is True
+
+
+def test_a_failed_turn_is_a_run_error() -> None:
+    events = mapped(Thinking(), TurnFailed("cannot reach the model server at x:1", "", result()))
+    assert [e["type"] for e in events] == ["RUN_STARTED", "STEP_STARTED", "STEP_FINISHED", "RUN_ERROR"]
+    assert events[-1] == {
+        "type": "RUN_ERROR",
+        "message": "cannot reach the model server at x:1",
+        "code": "agent_error",
+    }
+
+
+def body(messages: list[dict[str, Any]], **fields: Any) -> bytes:
+    return json.dumps({"threadId": "t-1", "runId": "r_1", "messages": messages, **fields}).encode()
+
+
+def test_only_a_last_user_message_is_new_input() -> None:
+    user = {"id": "1", "role": "user", "content": "first"}
+    assistant = {"id": "2", "role": "assistant", "content": "answer"}
+    parts = {
+        "id": "3",
+        "role": "user",
+        "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+    }
+    assert parse_run_input(body([user]), 100)[1] == "first"
+    assert parse_run_input(body([user, assistant]), 100)[1] is None
+    assert parse_run_input(body([]), 100)[1] is None
+    assert parse_run_input(body([user, assistant, parts]), 100)[1] == "a\nb"
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "words"),
+    [
+        (b"{", 400, "malformed JSON"),
+        (b'"text"', 422, "a string"),
+        (body([], threadId=None), 422, "threadId: Input should be a valid string"),
+        (body([{"id": "1", "role": "user"}]), 422, "messages.0.user.content: Field required"),
+        (body([], runId="x" * 129), 422, "runId"),
+        (body([{"id": "1", "role": "user", "content": "x" * 11}]), 413, "11 characters"),
+    ],
+)
+def test_bad_bodies_are_one_line_errors(raw: bytes, status: int, words: str) -> None:
+    with pytest.raises(InputError) as caught:
+        parse_run_input(raw, 10)
+    assert caught.value.status == status
+    assert words in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_history_becomes_ag_ui_messages_with_cut_replies_marked() -> None:
+    items: list[Any] = [
+        {"role": "user", "content": "look it up"},
+        {
+            "type": "message",
+            "role": "assistant",
+            "id": "msg_1",
+            "status": "completed",
+            "content": [{"type": "output_text", "text": "Checking.", "annotations": []}],
+        },
+        *call_pair("c1", "lookup", '{"q":"x"}', "found")[:1],
+        *call_pair("c2", "lookup", '{"q":"y"}', "found")[:1],
+        call_pair("c1", "lookup", "", "result 1")[1],
+        call_pair("c2", "lookup", "", "result 2")[1],
+        cut_reply("It is"),
+        {"role": "user", "content": [{"type": "input_text", "text": "go on"}]},
+        *call_pair("c3-done", "report", "{}", "late result"),
+        {"type": "reasoning", "id": "rs_1", "summary": []},
+    ]
+    messages = [dump(m) for m in history_messages(items)]
+    assert [(m["role"], m.get("content")) for m in messages] == [
+        ("user", "look it up"),
+        ("assistant", "Checking."),
+        ("tool", "result 1"),
+        ("tool", "result 2"),
+        ("assistant", "It is"),
+        ("user", "go on"),
+        ("assistant", None),
+        ("tool", "late result"),
+    ]
+    assert [c["id"] for c in messages[1]["toolCalls"]] == ["c1", "c2"]
+    assert messages[1]["toolCalls"][0]["function"] == {"name": "lookup", "arguments": '{"q":"x"}'}
+    assert messages[4]["metadata"] == {"rtagent": {"interrupted": True}}
+    assert "metadata" not in messages[1]
+    assert len({m["id"] for m in messages}) == len(messages)
+
+
+async def test_a_real_turns_history_round_trips() -> None:
+    model = ScriptedModel([tool_calls(call("lookup", {"q": "x"})), reply("Found it.")])
+
+    @function_tool
+    async def lookup(q: str) -> str:
+        """Look up."""
+        return f"data on {q}"
+
+    session = SQLiteSession("t")
+    await rtagent.run(Agent(name="a", model=model, tools=[lookup]), "find x", session=session)
+    messages = history_messages(await session.get_items())
+    assert isinstance(messages[0], UserMessage)
+    assert [m.role for m in messages] == ["user", "assistant", "tool", "assistant"]
+    assert messages[2].content == "data on x"

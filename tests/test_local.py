@@ -1,0 +1,177 @@
+"""The embedded llama.cpp server: lifecycle, the OpenAI API over it, its key, and bad model files."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from rtagent._errors import ModelError
+from rtagent._local import CLIENT_HEADERS, LocalServer, default_model_path, shared_server
+
+pytestmark = pytest.mark.model
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[LocalServer]:
+    local = LocalServer(default_model_path())
+    local.start_sync()
+    yield local
+    local.close()
+
+
+def client(server: LocalServer) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(
+        base_url=server.base_url, api_key=server.api_key, max_retries=0, default_headers=CLIENT_HEADERS
+    )
+
+
+def metric(server: LocalServer, name: str) -> float:
+    text = httpx.get(f"{server.address}/metrics", headers={"Authorization": f"Bearer {server.api_key}"}).text
+    found = re.search(rf"^llamacpp:{name} (\S+)$", text, re.MULTILINE)
+    assert found, f"no {name} in /metrics"
+    return float(found.group(1))
+
+
+def test_default_model_is_the_gguf_in_the_wheel() -> None:
+    path = default_model_path()
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert path.read_bytes()[:4] == b"GGUF"
+
+
+async def test_start_is_shared_and_close_is_idempotent(capfd: pytest.CaptureFixture[str]) -> None:
+    local = LocalServer(default_model_path())
+    await asyncio.gather(local.start(), local.start(), local.start())
+    address = local.address
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+", address)
+    assert local.base_url == f"{address}/v1"
+    await local.start()
+    assert local.address == address
+    assert httpx.get(f"{address}/health").json() == {"status": "ok"}
+
+    await local.aclose()
+    local.close()
+    assert not local.running
+    with pytest.raises(RuntimeError, match="not running"):
+        local.base_url  # noqa: B018
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{address}/health")
+    # llama.cpp logs every step to stderr unless silenced; a terminal chat must see none of it.
+    assert capfd.readouterr().err == ""
+
+
+async def test_streams_a_chat_completion(server: LocalServer) -> None:
+    async with client(server) as api:
+        stream = await api.chat.completions.create(
+            model="smollm2",
+            messages=[{"role": "system", "content": "Be concise."}, {"role": "user", "content": "Say hello."}],
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        deltas, usage = [], None
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                deltas.append(chunk.choices[0].delta.content)
+            usage = chunk.usage or usage
+    assert len(deltas) > 1
+    assert "".join(deltas).strip()
+    assert usage is not None
+    assert 0 < usage.completion_tokens <= 12
+
+
+async def test_back_to_back_streams_succeed_with_the_client_headers(server: LocalServer) -> None:
+    async with client(server) as api:
+        for _ in range(12):
+            stream = await api.chat.completions.create(
+                model="smollm2", messages=[{"role": "user", "content": "Hi"}], max_tokens=3, stream=True
+            )
+            async for _chunk in stream:
+                pass
+
+
+async def test_a_grammar_in_extra_body_constrains_the_reply(server: LocalServer) -> None:
+    async with client(server) as api:
+        reply = await api.chat.completions.create(
+            model="smollm2",
+            messages=[{"role": "user", "content": "Write a long poem about cats."}],
+            max_tokens=20,
+            extra_body={"grammar": 'root ::= "yes" | "no"'},
+        )
+    assert reply.choices[0].message.content in ("yes", "no")
+
+
+def test_requests_without_the_key_are_refused(server: LocalServer) -> None:
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    url = f"{server.base_url}/chat/completions"
+    assert httpx.post(url, json=body).status_code == 401
+    assert httpx.post(url, json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.get(f"{server.address}/slots").status_code == 401
+    authorized = httpx.post(url, json=body, headers={"Authorization": f"Bearer {server.api_key}"})
+    assert authorized.status_code == 200
+
+
+async def test_closing_a_stream_stops_generation(server: LocalServer) -> None:
+    async with client(server) as api:
+        stream = await api.chat.completions.create(
+            model="smollm2",
+            messages=[{"role": "user", "content": "Tell a very long story."}],
+            max_tokens=2000,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        received = 0
+        async for chunk in stream:
+            received += bool(chunk.choices and chunk.choices[0].delta.content)
+            if received == 10:
+                break
+        decoded_at_close = metric(server, "n_decode_total")
+        await stream.close()
+    deadline = time.monotonic() + 5
+    while metric(server, "requests_processing") and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert metric(server, "requests_processing") == 0
+    # Counted in tokens, not time, so a loaded machine cannot make it flaky (1-3 are typical).
+    assert metric(server, "n_decode_total") - decoded_at_close <= 8
+
+
+def test_each_slot_may_use_the_whole_context(server: LocalServer) -> None:
+    slots = httpx.get(f"{server.address}/slots", headers={"Authorization": f"Bearer {server.api_key}"}).json()
+    assert [slot["n_ctx"] for slot in slots] == [server.n_ctx] * server.n_parallel
+
+
+def test_shared_server_is_one_per_file(tmp_path: Path) -> None:
+    path = default_model_path()
+    assert shared_server(path) is shared_server(path.parent / ".." / path.parent.name / path.name)
+    assert not shared_server(tmp_path / "other.gguf").running
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "no GGUF model file at"),
+        (b"hello\n", "is not a GGUF model file"),
+        (b"GGUF\x03\x00\x00\x00garbage", "llama.cpp cannot load"),
+    ],
+)
+async def test_a_bad_model_file_fails_in_one_line(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], content: bytes | None, message: str
+) -> None:
+    path = tmp_path / "model.gguf"
+    if content is not None:
+        path.write_bytes(content)
+    local = LocalServer(path)
+    with pytest.raises(ModelError, match=message) as failure:
+        await local.start()
+    assert "\n" not in str(failure.value)
+    # Nothing chained: the person sees this line, not a RuntimeError from the C++ side.
+    assert failure.value.__context__ is None or failure.value.__suppress_context__
+    assert not local.running
+    assert capfd.readouterr().err == ""

@@ -1,0 +1,91 @@
+"""Model specs, and whole turns on the real embedded model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from agents import Agent, RunConfig, SQLiteSession
+from agents.run_config import CallModelData, ModelInputData
+
+import rtagent
+from rtagent import ModelError, TextDelta, TurnFinished
+from rtagent._models import ServedModel, parse_spec, pooled_client, resolve_model
+from rtagent.testing import ScriptedModel
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("gpt-9", "unknown model spec 'gpt-9'"),
+        ("local:/nowhere/model.gguf", "no GGUF model file at /nowhere/model.gguf"),
+        ("openai:", "name the OpenAI model"),
+    ],
+)
+def test_bad_specs_fail_with_one_line(spec: str, message: str) -> None:
+    with pytest.raises(ModelError, match=message) as caught:
+        parse_spec(spec)
+    assert "\n" not in str(caught.value)
+
+
+def test_openai_spec_needs_a_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(ModelError, match="needs OPENAI_API_KEY"):
+        parse_spec("openai:gpt-4.1-mini")
+
+
+def test_http_spec_names_the_model_after_the_hash() -> None:
+    model = parse_spec("http://127.0.0.1:11434/v1#llama3.2")
+    assert isinstance(model, ServedModel)
+    assert str(model) == "http://127.0.0.1:11434/v1#llama3.2"
+
+
+def test_resolution_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    own = ScriptedModel([])
+    monkeypatch.setenv("RTAGENT_MODEL", "http://127.0.0.1:1/v1#env")
+    assert resolve_model(None, Agent(name="a", model=own)) is own
+    assert str(resolve_model(None, Agent(name="a"))) == "http://127.0.0.1:1/v1#env"
+    assert (
+        str(resolve_model("http://127.0.0.1:2/v1#x", Agent(name="a", model=own))) == "http://127.0.0.1:2/v1#x"
+    )
+
+
+async def test_one_pooled_client_per_server_per_loop() -> None:
+    first = pooled_client("http://127.0.0.1:1/v1", "k")
+    assert pooled_client("http://127.0.0.1:1/v1", "k") is first
+    assert pooled_client("http://127.0.0.1:2/v1", "k") is not first
+
+
+@pytest.mark.model
+async def test_embedded_model_streams_and_remembers_the_conversation() -> None:
+    agent = Agent(name="a", instructions="You are a helpful assistant. Be concise.")
+    session = SQLiteSession("e2e")
+    deltas = 0
+    async with rtagent.stream(
+        agent, "My name is Ada. Say hello to me.", session=session, model="local"
+    ) as turn:
+        async for event in turn:
+            deltas += isinstance(event, TextDelta)
+    assert isinstance(event, TurnFinished)
+    assert deltas >= 3
+    assert turn.result.text.strip()
+    assert turn.result.metrics.tokens_per_s is not None
+
+    seen: list[Any] = []
+
+    def capture(data: CallModelData[Any]) -> ModelInputData:
+        seen.extend(data.model_data.input)
+        return data.model_data
+
+    second = await rtagent.run(
+        agent,
+        "What is my name?",
+        session=session,
+        model="local",
+        run_config=RunConfig(call_model_input_filter=capture),
+    )
+    assert second.text.strip()
+    texts = [str(item.get("content")) for item in seen]
+    assert "My name is Ada. Say hello to me." in texts[0]
+    assert turn.result.text in texts[1]
+    assert "What is my name?" in texts[2]
