@@ -34,6 +34,12 @@ def test_openai_spec_needs_a_key(monkeypatch: pytest.MonkeyPatch) -> None:
         parse_spec("openai:gpt-4.1-mini")
 
 
+def test_agent_model_name_without_a_key_fails_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(ModelError, match=r"the agent.s model gpt-4\.1-mini needs OPENAI_API_KEY"):
+        resolve_model(None, Agent(name="a", model="gpt-4.1-mini"))
+
+
 def test_http_spec_names_the_model_after_the_hash() -> None:
     model = parse_spec("http://127.0.0.1:11434/v1#llama3.2")
     assert isinstance(model, ServedModel)

@@ -270,3 +270,23 @@ async def test_unreachable_server_fails_in_one_line_within_five_seconds() -> Non
     assert isinstance(failed, TurnFailed)
     assert failed.error == "cannot reach the model server at 127.0.0.1:9"
     assert elapsed < 5
+
+
+async def test_calls_announced_but_not_started_also_finish_on_interrupt() -> None:
+    model = ScriptedModel(
+        [
+            tool_calls(
+                call("quick", {"query": "a"}, call_id="q"),
+                call("slow", {"query": "b" * 60}, chunks=50),
+                delay=0.02,
+            ),
+            reply("x"),
+        ]
+    )
+    async with rtagent.stream(Agent(name="a", model=model, tools=[quick, slow]), "go") as turn:
+        async for event in turn:
+            if isinstance(event, ToolStarted):
+                turn.interrupt()
+            if isinstance(event, ToolFinished):
+                assert (event.call_id, event.error) == ("q", "interrupted")
+    assert turn.result.interrupted

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from ._loading import load_agent
     from ._models import ModelSpec, ServedModel, parse_spec
     from ._result import ToolTiming, TurnMetrics, TurnResult
+    from ._server import create_app
     from ._tools import background, progress
     from ._turn import Turn, TurnError, TurnOptions, run, run_sync, stream
 
@@ -41,6 +42,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Chat": "_chat",
     "background": "_tools",
+    "create_app": "_server",
     "progress": "_tools",
     "RTAgentError": "_errors",
     "AgentLoadError": "_errors",
@@ -90,6 +92,7 @@ __all__ = [
     "TurnOptions",
     "TurnResult",
     "background",
+    "create_app",
     "load_agent",
     "parse_spec",
     "progress",

@@ -69,7 +69,7 @@ class LocalServer:
         self.model_path = model_path
         self.n_ctx = n_ctx
         self.n_parallel = n_parallel
-        self.n_threads = n_threads or _cores()
+        self.n_threads = n_threads or _default_threads()
         self._api_key = secrets.token_urlsafe(32)
         # Guards start and close across threads and event loops: the shared server outlives any
         # one loop (run_sync makes a new loop per call), so an asyncio lock would not do.
@@ -181,11 +181,14 @@ def _check_gguf(path: Path) -> None:
         raise ModelError(f"{path} is not a GGUF model file")
 
 
-def _cores() -> int:
-    # The CPUs this process may run on (a container's cpuset), not every CPU of the host.
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+def _default_threads() -> int:
+    # One core is left to Python, the HTTP threads and the agent's tools. llama.cpp's OpenMP
+    # threads spin at each step's barrier, so when all cores decode and anything else wants CPU,
+    # one descheduled thread stalls the rest: on 2 busy cores, 2 threads paused tokens for up to
+    # 4 s, 1 thread for at most 46 ms.
+    # sched_getaffinity counts the CPUs this process may use (a container's cpuset).
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores - 1)
 
 
 _shared: dict[Path, LocalServer] = {}

@@ -236,7 +236,12 @@ def resolve_model(spec: ModelSpec, agent: Agent[Any]) -> Model:
         if isinstance(own, Model):
             return own
         if own:
-            return parse_spec(own) if _is_spec(own) else MultiProvider().get_model(own)
+            if _is_spec(own):
+                return parse_spec(own)
+            # Plain names go to OpenAI, like the SDK's default provider; say so before it fails.
+            if "/" not in own and not os.environ.get("OPENAI_API_KEY"):
+                raise ModelError(f"the agent's model {own} needs OPENAI_API_KEY (or choose one with --model)")
+            return MultiProvider().get_model(own)
         spec = os.environ.get("RTAGENT_MODEL") or DEFAULT_SPEC
     return parse_spec(spec)
 

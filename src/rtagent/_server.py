@@ -515,7 +515,7 @@ def serve_main(args: argparse.Namespace) -> int:
         needs = "needs a token: pass --token or set RTAGENT_TOKEN"
         print(f"rtagent serve: listening on {host} {needs}", file=sys.stderr)
         return 2
-    spec = getattr(args, "model", None) or os.environ.get("RTAGENT_MODEL") or None
+    spec = getattr(args, "model", None)
     overrides = {
         "max_turns": getattr(args, "max_turns", None),
         "rate_per_s": getattr(args, "rate_limit", None),

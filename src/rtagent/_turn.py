@@ -305,10 +305,14 @@ class Turn:
     async def _end(self, error: BaseException | None) -> None:
         cut = error is not None or self._interrupted
         for call_id, (name, started) in list(self._running.items()):
-            output = STILL_RUNNING if call_id in self._kept else INTERRUPTED
-            self._finish_tool(
-                call_id, name, output, None if call_id in self._kept else "interrupted", started
-            )
+            if call_id in self._kept:
+                self._finish_tool(call_id, name, STILL_RUNNING, None, started)
+            else:
+                self._finish_tool(call_id, name, INTERRUPTED, "interrupted", started)
+        # Calls announced but never started end too, so front ends can close every indicator.
+        for call_id, name, _ in self._response_calls:
+            if call_id not in self._outputs:
+                self._finish_tool(call_id, name, INTERRUPTED, "interrupted", time.perf_counter())
         session = self._options.get("session")
         if cut and session is not None and (self._response_text or self._response_calls):
             outputs = {**self._outputs, **dict.fromkeys(self._kept, STILL_RUNNING)}

@@ -1,0 +1,79 @@
+"""The ``rtagent`` command line.
+
+Only argparse runs at start-up: each command imports what it needs when it runs, so ``--help``,
+``--version`` and the chat prompt appear without waiting for the SDK.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Sequence
+
+from . import __version__
+
+MODEL_HELP = (
+    "model spec: local, local:PATH.gguf, openai:MODEL or http(s)://HOST:PORT/v1[#MODEL] "
+    "(default: $RTAGENT_MODEL, else the agent's own model, else local)"
+)
+AGENT_HELP = "the agent: path/to/file.py[:name] or package.module[:name] (default: the demo agent)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rtagent", description="Realtime chat agents on the OpenAI Agents SDK."
+    )
+    parser.add_argument("--version", action="version", version=f"rtagent {__version__}")
+    commands = parser.add_subparsers(metavar="COMMAND", required=True)
+
+    chat = commands.add_parser(
+        "chat",
+        help="chat with an agent in the terminal",
+        description="Chat with an agent in the terminal: replies stream as they are written and "
+        "tools show live while they run. Ctrl-C interrupts a reply; exit, quit or Ctrl-D leaves.",
+    )
+    chat.add_argument("agent", nargs="?", metavar="AGENT", help=AGENT_HELP)
+    chat.add_argument("--model", metavar="SPEC", help=MODEL_HELP)
+    chat.set_defaults(run=_chat)
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve an agent to web pages and AG-UI clients",
+        description="Serve an agent: a browser chat page at /, the AG-UI protocol over SSE (POST /agui) "
+        "and WebSocket (/ws/THREAD), Prometheus metrics at /metrics.",
+    )
+    serve.add_argument("agent", nargs="?", metavar="AGENT", help=AGENT_HELP)
+    serve.add_argument("--model", metavar="SPEC", help=MODEL_HELP)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    serve.add_argument("--token", help="bearer token every API request must carry (default: $RTAGENT_TOKEN)")
+    serve.add_argument("--db", metavar="PATH", default="rtagent.db", help="SQLite file for conversations")
+    serve.add_argument("--cors-origin", action="append", metavar="ORIGIN", help="allow a browser origin")
+    serve.add_argument("--max-turns", type=int, metavar="N", help="concurrent turns before 503")
+    serve.add_argument("--rate-limit", type=float, metavar="PER_S", help="requests per second per client")
+    serve.set_defaults(run=_serve)
+    return parser
+
+
+def model_spec(flag: str | None) -> str | None:
+    """The spec chosen by the user, or ``None`` to let the agent's own model decide."""
+    return flag or os.environ.get("RTAGENT_MODEL") or None
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from ._terminal import chat
+
+    return chat(args.agent, model_spec(args.model))
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from ._server import serve_main
+
+    args.model = model_spec(args.model)
+    return serve_main(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    run: Callable[[argparse.Namespace], int] = args.run
+    return run(args)

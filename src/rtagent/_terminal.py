@@ -1,0 +1,372 @@
+"""The interactive chat behind ``rtagent chat``.
+
+The prompt is up before the SDK is even imported: the agent, the SDK and the model load in the
+background while the user types, and the first message waits for them only if it has to. Nothing
+here imports ``agents`` or ``openai`` at module level, which is what keeps the prompt instant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import functools
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
+
+from prompt_toolkit import PromptSession
+from prompt_toolkit.application import get_app_or_none, run_in_terminal
+
+from ._events import (
+    Event,
+    TextDelta,
+    Thinking,
+    ToolFinished,
+    ToolProgress,
+    ToolStarted,
+    TurnFailed,
+    TurnFinished,
+)
+
+if TYPE_CHECKING:
+    from agents import Agent
+    from agents.memory import Session
+    from agents.models.interface import Model
+
+    from ._turn import Turn
+
+_T = TypeVar("_T")
+
+TICK_S = 0.1
+QUIT_WORDS = frozenset({"exit", "quit"})
+
+
+@dataclass(frozen=True, slots=True)
+class _Loaded:
+    agent: Agent[Any]
+    session: Session
+    banner: str
+
+
+@dataclass(slots=True)
+class _Tool:
+    name: str
+    started: float
+    message: str = ""
+    fraction: float | None = None
+
+
+class _Screen:
+    """One reply on the terminal: text as it streams, a live status line, a line per tool result.
+
+    The status line is only ever drawn at the start of a line and always erased before anything
+    else is written, so it never leaves fragments behind.
+    """
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+        # Piped output gets the text and the result lines, not an animation.
+        self._live = out.isatty()
+        self._ansi = self._live and os.environ.get("TERM", "dumb") != "dumb"
+        self._color = self._ansi and "NO_COLOR" not in os.environ
+        self._mid_line = False
+        self._status_width = 0
+        self._waiting: tuple[str, float] | None = None
+        self._tools: dict[str, _Tool] = {}
+
+    def wait(self, label: str) -> None:
+        self._waiting = (label, time.monotonic())
+        self.draw()
+
+    def show(self, event: Event) -> None:
+        match event:
+            case Thinking():
+                self.wait("thinking")
+            case TextDelta(text=text) if text:
+                self.erase()
+                self._waiting = None
+                self._write(text)
+                self._mid_line = not text.endswith("\n")
+            case ToolStarted(call_id=call_id, name=name):
+                self._waiting = None
+                self._tools[call_id] = _Tool(name, time.monotonic())
+                self._end_line()
+                self.draw()
+            case ToolProgress(call_id=call_id, message=message, fraction=fraction):
+                tool = self._tools.get(call_id)
+                if tool is not None:
+                    tool.message, tool.fraction = message, fraction
+                    self.draw()
+            case ToolFinished(call_id=call_id, name=name, output=output, error=error, duration_s=seconds):
+                self._tools.pop(call_id, None)
+                if error is None:
+                    self.line(f"{name} ({seconds:.1f}s): {output}", self._paint("32", "✓"))
+                else:
+                    self.line(f"{name}: {error}", self._paint("31", "✗"))
+                self.draw()
+            case TurnFinished(result=result) if result.interrupted:
+                self.interrupted()
+            case TurnFailed(error=error):
+                self.end(self._paint("31", f"error: {error}"))
+            case TurnFinished():
+                self.end()
+
+    def line(self, text: str, mark: str = "") -> None:
+        """A line of its own, squeezed onto one terminal row, after a (one-column) ``mark``."""
+        self.erase()
+        self._end_line()
+        text = _fit(" ".join(text.split()), _width() - 2 if mark else _width())
+        self._write(f"{mark} {text}\n" if mark else f"{text}\n")
+
+    def interrupted(self) -> None:
+        self.end(self._paint("2", "[interrupted]"), same_line=True)
+
+    def end(self, marker: str = "", *, same_line: bool = False) -> None:
+        """Close the reply with an optional marker, leaving a blank line before the next prompt."""
+        self._waiting = None
+        self._tools.clear()
+        self.erase()
+        if marker:
+            if self._mid_line and same_line:
+                self._write(" ")
+            else:
+                self._end_line()
+            self._write(marker)
+            self._mid_line = True
+        self._end_line()
+        self._write("\n")
+
+    def draw(self) -> None:
+        status = self._status()
+        if status is None or self._mid_line or not self._live:
+            return
+        status = _fit(status, _width())
+        self.erase()
+        self._write(self._paint("2", status))
+        self._status_width = len(status)
+
+    async def tick(self) -> None:
+        while True:
+            self.draw()
+            await asyncio.sleep(TICK_S)
+
+    def _status(self) -> str | None:
+        now = time.monotonic()
+        if self._tools:
+            parts = []
+            for tool in self._tools.values():
+                done = f"{tool.fraction:.0%} " if tool.fraction is not None else ""
+                said = f"{tool.message} " if tool.message else ""
+                parts.append(f"{tool.name}... {done}{said}{now - tool.started:.1f}s")
+            return "using " + " · ".join(parts)
+        if self._waiting is not None:
+            label, since = self._waiting
+            return f"{label}... {now - since:.1f}s"
+        return None
+
+    def erase(self) -> None:
+        if self._status_width:
+            # Without ANSI (TERM=dumb) the old status is blanked with spaces instead.
+            self._write("\r\x1b[K" if self._ansi else "\r" + " " * self._status_width + "\r")
+            self._status_width = 0
+
+    def _end_line(self) -> None:
+        if self._mid_line:
+            self._write("\n")
+            self._mid_line = False
+
+    def _write(self, text: str) -> None:
+        self._out.write(text)
+        self._out.flush()
+
+    def _paint(self, sgr: str, text: str) -> str:
+        return f"\x1b[{sgr}m{text}\x1b[0m" if self._color else text
+
+
+def _width() -> int:
+    # One column short of the edge: a line that fills the row makes some terminals wrap early.
+    return max(shutil.get_terminal_size().columns - 1, 20)
+
+
+def _fit(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+class _Chat:
+    def __init__(self, reference: str | None, spec: str | None) -> None:
+        self._spec = spec
+        self._prompt: PromptSession[str] = PromptSession()
+        self._loading = asyncio.create_task(_load(reference, spec))
+        self._loading.add_done_callback(self._on_loaded)
+        self._banner_shown = False
+        self._turn: Turn | None = None
+        self._stop: asyncio.Future[None] | None = None
+        self._printing: Awaitable[None] | None = None
+
+    async def run(self) -> int:
+        while True:
+            self._show_banner(print)
+            try:
+                text = (await self._prompt.prompt_async("> ")).strip()
+            except KeyboardInterrupt:
+                continue
+            except EOFError:
+                return 0
+            if text in QUIT_WORDS:
+                return 0
+            if text and self._failure() is None:
+                await self._reply(text)
+            if (error := self._failure()) is not None:
+                print(f"rtagent: error: {_describe(error)}", file=sys.stderr)
+                return 2
+
+    def _on_loaded(self, loading: asyncio.Task[_Loaded]) -> None:
+        # While the prompt is up, the banner (or the failure) must not wait for the next Enter.
+        # A dumb terminal's prompt is an app of its own, and cannot print above itself.
+        app = get_app_or_none()
+        if app is not None and self._failure() is not None:
+            app.exit(result="")
+        elif app is self._prompt.app:
+            # The print may land after Enter was pressed: the reply waits for it (``_run_turn``).
+            self._printing = run_in_terminal(functools.partial(self._show_banner, print))
+
+    def _failure(self) -> BaseException | None:
+        loading = self._loading
+        return loading.exception() if loading.done() and not loading.cancelled() else None
+
+    def _show_banner(self, say: Callable[[str], object]) -> None:
+        if self._banner_shown or not self._loading.done() or self._failure() is not None:
+            return
+        self._banner_shown = True
+        say(self._loading.result().banner)
+
+    async def _reply(self, text: str) -> None:
+        loop = asyncio.get_running_loop()
+        screen = _Screen(sys.stdout)
+        # prompt_toolkit is not reading keys during a reply, so Ctrl-C arrives as a signal.
+        previous = signal.getsignal(signal.SIGINT)
+        loop.add_signal_handler(signal.SIGINT, self._on_interrupt)
+        ticker = asyncio.create_task(screen.tick())
+        try:
+            with _no_echo(sys.stdin):
+                await self._run_turn(text, screen)
+        finally:
+            self._turn = self._stop = None
+            ticker.cancel()
+            loop.remove_signal_handler(signal.SIGINT)
+            signal.signal(signal.SIGINT, previous)
+
+    async def _run_turn(self, text: str, screen: _Screen) -> None:
+        if self._printing is not None:
+            await self._printing
+        if not self._loading.done():
+            self._stop = asyncio.get_running_loop().create_future()
+            screen.wait("loading model")
+            either: set[asyncio.Future[Any]] = {self._loading, self._stop}
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            if not self._loading.done():
+                screen.interrupted()
+                return
+        if self._failure() is not None:
+            screen.erase()
+            return
+        self._show_banner(screen.line)
+        loaded = self._loading.result()
+        # Only now: before the background import has finished, this would block the event loop.
+        from ._turn import stream
+
+        self._turn = stream(loaded.agent, text, session=loaded.session, model=self._spec)
+        async with self._turn as turn:
+            async for event in turn:
+                screen.show(event)
+
+    def _on_interrupt(self) -> None:
+        if self._turn is not None:
+            self._turn.interrupt()
+        elif self._stop is not None and not self._stop.done():
+            self._stop.set_result(None)
+
+
+@contextlib.contextmanager
+def _no_echo(stream: TextIO) -> Iterator[None]:
+    """Keys typed during a reply would be echoed into it (Ctrl-C as "^C"); they still reach the
+    next prompt, which reads whatever is waiting."""
+    if not stream.isatty():
+        yield
+        return
+    import termios
+
+    fd = stream.fileno()
+    saved = termios.tcgetattr(fd)
+    quiet = list(saved)
+    quiet[3] &= ~(termios.ECHO | termios.ECHOCTL)
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
+
+
+async def _load(reference: str | None, spec: str | None) -> _Loaded:
+    agent, model = await _in_daemon_thread(functools.partial(_resolve, reference, spec))
+    from agents import SQLiteSession
+
+    from ._models import ServedModel
+
+    if isinstance(model, ServedModel):
+        await model.warm()
+        label = model.label
+    else:
+        label = agent.model if isinstance(agent.model, str) and agent.model else type(model).__name__
+    banner = f"rtagent · {agent.name} · model {label} · exit or Ctrl-D to quit"
+    return _Loaded(agent, SQLiteSession("terminal"), banner)
+
+
+async def _in_daemon_thread(work: Callable[[], _T]) -> _T:
+    """``asyncio.to_thread`` on a daemon thread: leaving the chat must not wait for an import."""
+    future: concurrent.futures.Future[_T] = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            future.set_result(work())
+        except Exception as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="rtagent-load", daemon=True).start()
+    return await asyncio.wrap_future(future)
+
+
+def _resolve(reference: str | None, spec: str | None) -> tuple[Agent[Any], Model]:
+    """Import the SDK and the user's agent, and pick the model: run in a thread, as it is slow."""
+    from ._loading import load_agent
+    from ._models import resolve_model
+
+    agent = load_agent(reference)
+    return agent, resolve_model(spec, agent)
+
+
+def _describe(error: BaseException) -> str:
+    try:
+        from ._errors import describe
+    except ImportError:  # the SDK itself failed to import
+        return f"{type(error).__name__}: {error}"
+    return describe(error)
+
+
+def chat(reference: str | None = None, spec: str | None = None) -> int:
+    """Chat with the agent at ``reference`` on model ``spec`` until exit; returns the exit status."""
+
+    async def main() -> int:
+        return await _Chat(reference, spec).run()
+
+    try:
+        return asyncio.run(main())
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,104 @@
+"""A scripted agent for the terminal tests: a keyword in each message picks the model's script.
+
+lookup    a 1 s tool call, then a reply
+search    a tool that reports progress as it goes
+both      two tools at once
+broken    a tool that raises
+long      a long reply streamed slowly (something to interrupt)
+fail      the model fails in the middle of its reply
+think     a reply that takes 0.8 s to start
+otherwise an echo that counts the user's messages, which shows the history is kept
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from agents import Agent, function_tool
+from agents.models.interface import Model
+
+import rtagent
+from rtagent.testing import ScriptedModel, Step, call, fail, reply, tool_calls
+
+
+@function_tool
+async def delayed_lookup(query: str) -> str:
+    """Look something up slowly."""
+    await asyncio.sleep(1.0)
+    return f"Data for '{query}' retrieved successfully after a delay.\nSecond line that is not shown."
+
+
+@function_tool
+async def search(query: str) -> str:
+    """Search the catalogue, reporting progress."""
+    rtagent.progress("searching the catalogue", 0.4)
+    await asyncio.sleep(0.8)
+    rtagent.progress("ranking", 0.8)
+    await asyncio.sleep(0.4)
+    return f"3 books about {query}"
+
+
+@function_tool
+async def broken() -> str:
+    """Always fails."""
+    raise ValueError("the catalogue is offline")
+
+
+LONG = " ".join(f"word{n}" for n in range(200))
+
+
+def _script(text: str, messages: int) -> list[Step]:
+    if "lookup" in text:
+        return [
+            tool_calls(call("delayed_lookup", {"query": "x"})),
+            reply("The lookup says: done.", delay=0.02),
+        ]
+    if "search" in text:
+        return [tool_calls(call("search", {"query": "cats"})), reply("Found 3 books.", delay=0.02)]
+    if "both" in text:
+        calls = tool_calls(call("delayed_lookup", {"query": "y"}), call("search", {"query": "dogs"}))
+        return [calls, reply("Both done.", delay=0.02)]
+    if "broken" in text:
+        return [tool_calls(call("broken")), reply("The tool failed, sorry.", delay=0.02)]
+    if "long" in text:
+        return [reply(LONG, delay=0.05)]
+    if "think" in text:
+        return [reply("Thought about it.", first_delay=0.8)]
+    if "fail" in text:
+        return [fail(RuntimeError("the model fell over"), after=reply("Partial answer", delay=0.02))]
+    return [reply(f"You said: {text} (message {messages})", delay=0.02)]
+
+
+def _text(item: dict[str, Any]) -> str:
+    content = item.get("content", "")
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+
+
+class ByKeyword(Model):
+    """Starts a fresh script for every new user message, chosen by that message's words."""
+
+    def __init__(self) -> None:
+        self._users = 0
+        self._script = ScriptedModel()
+
+    def _for(self, input: str | list[Any]) -> ScriptedModel:
+        items = [{"role": "user", "content": input}] if isinstance(input, str) else input
+        users = [item for item in items if isinstance(item, dict) and item.get("role") == "user"]
+        if len(users) != self._users:
+            self._users = len(users)
+            self._script = ScriptedModel(_script(_text(users[-1]), len(users)))
+        return self._script
+
+    async def get_response(self, system_instructions: Any, input: Any, *args: Any, **kwargs: Any) -> Any:
+        return await self._for(input).get_response(system_instructions, input, *args, **kwargs)
+
+    def stream_response(self, system_instructions: Any, input: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._for(input).stream_response(system_instructions, input, *args, **kwargs)
+
+
+agent = Agent(name="Scripted", model=ByKeyword(), tools=[delayed_lookup, search, broken])
+
+not_an_agent = 42

@@ -1,0 +1,258 @@
+"""The terminal chat, used the way a person uses it: in a real pseudo-terminal, through pexpect.
+
+The agent is ``tests/agents/scripted.py``, whose scripted model picks its answer by a keyword in
+each message, so every test runs offline in a few seconds.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pexpect
+import pytest
+
+from rtagent import TextDelta, Thinking, ToolFinished, ToolProgress, ToolStarted, TurnFinished
+from rtagent._result import TurnMetrics, TurnResult
+from rtagent._terminal import _Screen
+
+ROOT = Path(__file__).resolve().parent.parent
+RTAGENT = Path(sys.executable).with_name("rtagent")
+AGENT = "tests/agents/scripted.py:agent"
+BANNER = "rtagent · Scripted · model ByKeyword · exit or Ctrl-D to quit"
+# Loading imports the SDK (2-3 s on a busy machine); everything after that is quick.
+STARTUP_S = 20
+# prompt_toolkit draws "> " as ">" and a cursor move; a dumb terminal gets it as typed.
+PROMPT = r">(\x08| )"
+
+
+def spawn(*args: str, term: str = "xterm") -> pexpect.spawn:
+    env = {
+        **os.environ,
+        "TERM": term,
+        "NO_COLOR": "1",
+        "LANG": "C.UTF-8",
+        # pexpect never answers prompt_toolkit's cursor-position request; a terminal would.
+        "PROMPT_TOOLKIT_NO_CPR": "1",
+    }
+    env.pop("RTAGENT_MODEL", None)
+    return pexpect.spawn(
+        str(RTAGENT),
+        ["chat", *args],
+        cwd=ROOT,
+        env=env,
+        encoding="utf-8",
+        timeout=5,
+        dimensions=(40, 120),
+    )
+
+
+@pytest.fixture
+def chat() -> Iterator[pexpect.spawn]:
+    child = spawn(AGENT)
+    child.expect_exact(BANNER, timeout=STARTUP_S)
+    yield child
+    child.close(force=True)
+
+
+def say(child: pexpect.spawn, text: str) -> None:
+    child.expect(PROMPT)
+    child.sendline(text)
+
+
+def leaves_with(child: pexpect.spawn, status: int) -> None:
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == status
+
+
+def test_reply_streams_and_history_is_kept(chat: pexpect.spawn) -> None:
+    say(chat, "hello")
+    chat.expect_exact("You said: hello (message 1)")
+    say(chat, "hello again")
+    chat.expect_exact("You said: hello again (message 2)")
+
+
+def test_thinking_indicator_is_erased_when_text_starts(chat: pexpect.spawn) -> None:
+    say(chat, "think first")
+    chat.expect(r"thinking\.\.\. 0\.\ds")
+    chat.expect_exact("Thought about it.")
+    assert chat.before.endswith("\r\x1b[K")
+
+
+def test_tool_indicator_then_result_line(chat: pexpect.spawn) -> None:
+    say(chat, "do a lookup")
+    chat.expect(r"using delayed_lookup\.\.\. 0\.\ds")
+    chat.expect(r"✓ delayed_lookup \(1\.\ds\): Data for 'x' retrieved successfully after a delay\. Second")
+    chat.expect_exact("The lookup says: done.")
+
+
+def test_parallel_tools_and_progress_share_the_indicator(chat: pexpect.spawn) -> None:
+    say(chat, "both")
+    chat.expect(r"using delayed_lookup\.\.\. 0\.\ds · search\.\.\. 40% searching the catalogue 0\.\ds")
+    chat.expect(r"✓ delayed_lookup \(1\.\ds\)")
+    chat.expect(r"using search\.\.\. 80% ranking \d\.\ds")
+    chat.expect(r"✓ search \(1\.\ds\): 3 books about dogs")
+    chat.expect_exact("Both done.")
+
+
+def test_tool_error_line(chat: pexpect.spawn) -> None:
+    say(chat, "broken")
+    chat.expect_exact("✗ broken: ValueError: the catalogue is offline")
+    chat.expect_exact("The tool failed, sorry.")
+
+
+def test_failed_turn_prints_one_line_and_the_chat_goes_on(chat: pexpect.spawn) -> None:
+    say(chat, "fail")
+    chat.expect_exact("Partial answer")
+    chat.expect_exact("error: RuntimeError: the model fell over")
+    say(chat, "still there?")
+    chat.expect_exact("You said: still there?")
+
+
+def test_ctrl_c_interrupts_a_reply_and_the_prompt_comes_back(chat: pexpect.spawn) -> None:
+    say(chat, "a long answer please")
+    chat.expect_exact("word5 ")
+    chat.sendintr()
+    chat.expect_exact("[interrupted]")
+    assert "word150" not in chat.before
+    say(chat, "next")
+    chat.expect_exact("You said: next (message 2)")
+
+
+def test_ctrl_c_interrupts_a_running_tool(chat: pexpect.spawn) -> None:
+    say(chat, "lookup")
+    # Announced calls start running a moment later; by 0.3 s this one surely has.
+    chat.expect(r"using delayed_lookup\.\.\. 0\.[3-9]s")
+    chat.sendintr()
+    chat.expect_exact("✗ delayed_lookup: interrupted")
+    chat.expect_exact("[interrupted]")
+    say(chat, "ok")
+    chat.expect_exact("You said: ok")
+
+
+def test_ctrl_c_at_the_prompt_does_not_leave(chat: pexpect.spawn) -> None:
+    chat.expect(PROMPT)
+    chat.sendintr()
+    say(chat, "hi")
+    chat.expect_exact("You said: hi (message 1)")
+
+
+@pytest.mark.parametrize("word", ["exit", "quit"])
+def test_exit_and_quit_leave_with_status_0(chat: pexpect.spawn, word: str) -> None:
+    say(chat, word)
+    leaves_with(chat, 0)
+
+
+def test_ctrl_d_leaves_with_status_0(chat: pexpect.spawn) -> None:
+    chat.expect(PROMPT)
+    chat.sendeof()
+    leaves_with(chat, 0)
+
+
+def test_first_message_waits_for_the_model_to_load() -> None:
+    child = spawn(AGENT)
+    say(child, "early bird")
+    child.expect(r"loading model\.\.\. \d\.\ds", timeout=STARTUP_S)
+    child.expect_exact(BANNER, timeout=STARTUP_S)
+    child.expect_exact("You said: early bird (message 1)")
+    child.close(force=True)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("tests/agents/missing.py",), "rtagent: error: no such file: tests/agents/missing.py"),
+        (("tests/agents/scripted.py:not_an_agent",), "is a int, not an agents.Agent"),
+        ((AGENT, "--model", "bogus"), "rtagent: error: unknown model spec 'bogus'"),
+    ],
+)
+def test_startup_failure_is_one_line_and_status_2(args: tuple[str, ...], message: str) -> None:
+    child = spawn(*args)
+    child.expect_exact(message, timeout=STARTUP_S)
+    leaves_with(child, 2)
+    assert "Traceback" not in (child.before or "")
+
+
+def test_dumb_terminal() -> None:
+    child = spawn(AGENT, term="dumb")
+    # A dumb terminal's prompt cannot print above itself: the banner comes with the first reply.
+    say(child, "lookup")
+    child.expect_exact(BANNER, timeout=STARTUP_S)
+    child.expect(r"using delayed_lookup\.\.\. \d\.\ds")
+    child.expect_exact("✓ delayed_lookup")
+    assert "\x1b" not in child.before.rpartition("using")[2]
+    child.expect_exact("The lookup says: done.")
+    say(child, "exit")
+    leaves_with(child, 0)
+
+
+def test_the_sdk_is_not_imported_before_the_prompt() -> None:
+    heavy = "{'agents', 'openai', 'xllamacpp'}"
+    code = f"import sys, rtagent._cli, rtagent._terminal; print(sorted({heavy} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+# -- the screen on its own ----------------------------------------------------------------------
+
+
+class Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def finished(*, interrupted: bool = False) -> TurnFinished:
+    metrics = TurnMetrics(None, 0, None, (), 0.0)
+    return TurnFinished(TurnResult(text="", interrupted=interrupted, metrics=metrics))
+
+
+@pytest.fixture
+def screen(monkeypatch: pytest.MonkeyPatch) -> tuple[_Screen, Tty]:
+    monkeypatch.setenv("TERM", "xterm")
+    monkeypatch.setenv("NO_COLOR", "1")
+    monkeypatch.setenv("COLUMNS", "40")
+    out = Tty()
+    return _Screen(out), out
+
+
+def test_screen_erases_the_status_before_text(screen: tuple[_Screen, Tty]) -> None:
+    view, out = screen
+    view.show(Thinking())
+    view.show(TextDelta("Hi"))
+    view.show(TextDelta(" there"))
+    view.show(finished())
+    assert out.getvalue() == "thinking... 0.0s\r\x1b[KHi there\n\n"
+
+
+def test_screen_fits_status_and_tool_lines_to_the_width(screen: tuple[_Screen, Tty]) -> None:
+    view, out = screen
+    view.show(ToolStarted("c1", "a_tool_with_a_long_name", "{}"))
+    view.show(ToolProgress("c1", "reading every page of the very long book", 0.25))
+    view.show(ToolFinished("c1", "a_tool_with_a_long_name", "line one\nline two " + "x" * 50, None, 1.25))
+    lines = out.getvalue().replace("\r\x1b[K", "\n").splitlines()
+    assert lines[1].startswith("using a_tool_with_a_long_name... 25% r")
+    assert lines[-1].startswith("✓ a_tool_with_a_long_name (1.2s): line")
+    assert [len(line) for line in lines[1:]] == [39, 39]
+    assert lines[1].endswith("…")
+    assert lines[-1].endswith("…")
+
+
+def test_screen_marks_an_interrupted_reply_on_its_last_line(screen: tuple[_Screen, Tty]) -> None:
+    view, out = screen
+    view.show(TextDelta("Once upon"))
+    view.show(finished(interrupted=True))
+    assert out.getvalue() == "Once upon [interrupted]\n\n"
+
+
+def test_screen_colours_only_the_marks(screen: tuple[_Screen, Tty], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NO_COLOR")
+    view, out = _Screen(screen[1]), screen[1]
+    view.show(ToolStarted("c1", "lookup", "{}"))
+    view.show(ToolFinished("c1", "lookup", "", "boom", 0.5))
+    assert out.getvalue().endswith("\r\x1b[K\x1b[31m✗\x1b[0m lookup: boom\n")
+    assert out.getvalue().startswith("\x1b[2musing lookup... 0.0s\x1b[0m")
