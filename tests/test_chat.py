@@ -85,12 +85,12 @@ async def test_interrupt_while_tools_run_gives_each_unfinished_call_an_output() 
 
     history = await chat.history()
     assert_valid_input(history)
-    outputs = {i["call_id"]: i["output"] for i in history if i.get("type") == "function_call_output"}  # type: ignore[union-attr, typeddict-item]
+    outputs = {i["call_id"]: i["output"] for i in history if i.get("type") == "function_call_output"}  # type: ignore[typeddict-item]
     assert outputs == {"f": "fast result", "s": INTERRUPTED}
     assert history[1]["content"][0]["text"] == "Checking. "  # type: ignore[typeddict-item, index]
 
     await chat.send("next").wait()
-    assert_valid_input(model.calls[1].input)  # type: ignore[arg-type]
+    assert_valid_input(model.calls[1].input)
 
 
 async def test_background_tool_finishes_and_its_output_is_recorded() -> None:
@@ -114,7 +114,7 @@ async def test_background_tool_finishes_and_its_output_is_recorded() -> None:
     await asyncio.sleep(0.5)
     history = await session.get_items()
     assert_valid_input(history)
-    outputs = [i["output"] for i in history if i.get("type") == "function_call_output"]  # type: ignore[union-attr, typeddict-item]
+    outputs = [i["output"] for i in history if i.get("type") == "function_call_output"]  # type: ignore[typeddict-item]
     assert outputs == [STILL_RUNNING, "report on sales"]
 
 
@@ -151,7 +151,7 @@ async def test_new_message_interrupts_the_running_reply_by_default() -> None:
     assert seen < 20
     result = await second.wait()
     assert result.text == "Second answer."
-    assert model.calls[1].input[-1] == {"content": "second", "role": "user"}  # type: ignore[index]
+    assert model.calls[1].input[-1] == {"content": "second", "role": "user"}
 
 
 async def test_queue_policy_waits_for_the_running_reply() -> None:

@@ -30,7 +30,7 @@ STARTUP_S = 20
 PROMPT = r">(\x08| )"
 
 
-def spawn(*args: str, term: str = "xterm") -> pexpect.spawn:
+def spawn(*args: str, term: str = "xterm") -> pexpect.spawn[str]:
     env = {
         **os.environ,
         "TERM": term,
@@ -52,46 +52,46 @@ def spawn(*args: str, term: str = "xterm") -> pexpect.spawn:
 
 
 @pytest.fixture
-def chat() -> Iterator[pexpect.spawn]:
+def chat() -> Iterator[pexpect.spawn[str]]:
     child = spawn(AGENT)
     child.expect_exact(BANNER, timeout=STARTUP_S)
     yield child
     child.close(force=True)
 
 
-def say(child: pexpect.spawn, text: str) -> None:
+def say(child: pexpect.spawn[str], text: str) -> None:
     child.expect(PROMPT)
     child.sendline(text)
 
 
-def leaves_with(child: pexpect.spawn, status: int) -> None:
+def leaves_with(child: pexpect.spawn[str], status: int) -> None:
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == status
 
 
-def test_reply_streams_and_history_is_kept(chat: pexpect.spawn) -> None:
+def test_reply_streams_and_history_is_kept(chat: pexpect.spawn[str]) -> None:
     say(chat, "hello")
     chat.expect_exact("You said: hello (message 1)")
     say(chat, "hello again")
     chat.expect_exact("You said: hello again (message 2)")
 
 
-def test_thinking_indicator_is_erased_when_text_starts(chat: pexpect.spawn) -> None:
+def test_thinking_indicator_is_erased_when_text_starts(chat: pexpect.spawn[str]) -> None:
     say(chat, "think first")
     chat.expect(r"thinking\.\.\. 0\.\ds")
     chat.expect_exact("Thought about it.")
-    assert chat.before.endswith("\r\x1b[K")
+    assert str(chat.before).endswith("\r\x1b[K")
 
 
-def test_tool_indicator_then_result_line(chat: pexpect.spawn) -> None:
+def test_tool_indicator_then_result_line(chat: pexpect.spawn[str]) -> None:
     say(chat, "do a lookup")
     chat.expect(r"using delayed_lookup\.\.\. 0\.\ds")
     chat.expect(r"✓ delayed_lookup \(1\.\ds\): Data for 'x' retrieved successfully after a delay\. Second")
     chat.expect_exact("The lookup says: done.")
 
 
-def test_parallel_tools_and_progress_share_the_indicator(chat: pexpect.spawn) -> None:
+def test_parallel_tools_and_progress_share_the_indicator(chat: pexpect.spawn[str]) -> None:
     say(chat, "both")
     chat.expect(r"using delayed_lookup\.\.\. 0\.\ds · search\.\.\. 40% searching the catalogue 0\.\ds")
     chat.expect(r"✓ delayed_lookup \(1\.\ds\)")
@@ -100,13 +100,13 @@ def test_parallel_tools_and_progress_share_the_indicator(chat: pexpect.spawn) ->
     chat.expect_exact("Both done.")
 
 
-def test_tool_error_line(chat: pexpect.spawn) -> None:
+def test_tool_error_line(chat: pexpect.spawn[str]) -> None:
     say(chat, "broken")
     chat.expect_exact("✗ broken: ValueError: the catalogue is offline")
     chat.expect_exact("The tool failed, sorry.")
 
 
-def test_failed_turn_prints_one_line_and_the_chat_goes_on(chat: pexpect.spawn) -> None:
+def test_failed_turn_prints_one_line_and_the_chat_goes_on(chat: pexpect.spawn[str]) -> None:
     say(chat, "fail")
     chat.expect_exact("Partial answer")
     chat.expect_exact("error: RuntimeError: the model fell over")
@@ -114,17 +114,17 @@ def test_failed_turn_prints_one_line_and_the_chat_goes_on(chat: pexpect.spawn) -
     chat.expect_exact("You said: still there?")
 
 
-def test_ctrl_c_interrupts_a_reply_and_the_prompt_comes_back(chat: pexpect.spawn) -> None:
+def test_ctrl_c_interrupts_a_reply_and_the_prompt_comes_back(chat: pexpect.spawn[str]) -> None:
     say(chat, "a long answer please")
     chat.expect_exact("word5 ")
     chat.sendintr()
     chat.expect_exact("[interrupted]")
-    assert "word150" not in chat.before
+    assert "word150" not in str(chat.before)
     say(chat, "next")
     chat.expect_exact("You said: next (message 2)")
 
 
-def test_ctrl_c_interrupts_a_running_tool(chat: pexpect.spawn) -> None:
+def test_ctrl_c_interrupts_a_running_tool(chat: pexpect.spawn[str]) -> None:
     say(chat, "lookup")
     # Announced calls start running a moment later; by 0.3 s this one surely has.
     chat.expect(r"using delayed_lookup\.\.\. 0\.[3-9]s")
@@ -135,7 +135,7 @@ def test_ctrl_c_interrupts_a_running_tool(chat: pexpect.spawn) -> None:
     chat.expect_exact("You said: ok")
 
 
-def test_ctrl_c_at_the_prompt_does_not_leave(chat: pexpect.spawn) -> None:
+def test_ctrl_c_at_the_prompt_does_not_leave(chat: pexpect.spawn[str]) -> None:
     chat.expect(PROMPT)
     chat.sendintr()
     say(chat, "hi")
@@ -143,12 +143,12 @@ def test_ctrl_c_at_the_prompt_does_not_leave(chat: pexpect.spawn) -> None:
 
 
 @pytest.mark.parametrize("word", ["exit", "quit"])
-def test_exit_and_quit_leave_with_status_0(chat: pexpect.spawn, word: str) -> None:
+def test_exit_and_quit_leave_with_status_0(chat: pexpect.spawn[str], word: str) -> None:
     say(chat, word)
     leaves_with(chat, 0)
 
 
-def test_ctrl_d_leaves_with_status_0(chat: pexpect.spawn) -> None:
+def test_ctrl_d_leaves_with_status_0(chat: pexpect.spawn[str]) -> None:
     chat.expect(PROMPT)
     chat.sendeof()
     leaves_with(chat, 0)
@@ -185,7 +185,7 @@ def test_dumb_terminal() -> None:
     child.expect_exact(BANNER, timeout=STARTUP_S)
     child.expect(r"using delayed_lookup\.\.\. \d\.\ds")
     child.expect_exact("✓ delayed_lookup")
-    assert "\x1b" not in child.before.rpartition("using")[2]
+    assert "\x1b" not in str(child.before).rpartition("using")[2]
     child.expect_exact("The lookup says: done.")
     say(child, "exit")
     leaves_with(child, 0)

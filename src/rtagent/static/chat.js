@@ -1,0 +1,377 @@
+// rtagent's chat page: one conversation over the server's WebSocket, drawn from its AG-UI events.
+//
+// Everything the model or a tool says is untrusted. It reaches the page only as text nodes (the
+// markdown subset below builds its elements itself), and the page's CSP enforces Trusted Types, so
+// an HTML-parsing sink would throw rather than parse.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const log = $("log"), input = $("input"), statusEl = $("status");
+const THREAD_KEY = "rtagent.thread", TOKEN_KEY = "rtagent.token";
+
+let thread = localStorage.getItem(THREAD_KEY) || newThread();
+let token = localStorage.getItem(TOKEN_KEY);
+let socket = null; // the live socket; events of any other (closed) one are ignored
+let ready = false; // the history is drawn and the socket is open: sending is possible
+let retries = 0;
+let retryTimer = 0;
+let pending = 0; // replies asked for and not yet finished
+let turn = null; // the element the running reply draws into
+const texts = new Map(); // messageId -> {node, text}
+const tools = new Map(); // toolCallId -> tool card state
+let ticker = 0;
+
+function newThread() {
+  // Not crypto.randomUUID: that needs a secure context, and the page may be served over plain http.
+  const bytes = crypto.getRandomValues(new Uint8Array(12));
+  const id = Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+  localStorage.setItem(THREAD_KEY, id);
+  return id;
+}
+
+function el(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text != null) node.textContent = text;
+  return node;
+}
+
+function secs(s) {
+  return s < 1 ? `${s.toFixed(2)}s` : `${s.toFixed(1)}s`;
+}
+
+// -- drawing ------------------------------------------------------------------------------------
+
+// The markdown subset models use most: ``` fences, `code` and **bold**, as elements built here.
+// A fence still open while streaming simply runs to the end of the text.
+function renderMarkdown(node, text) {
+  const parts = text.split(/^```[^\n]*(?:\n|$)/m);
+  node.replaceChildren(
+    ...parts.flatMap((part, i) => {
+      if (i % 2) return part ? [el("pre", "code", part.replace(/\n$/, ""))] : [];
+      return part.split(/(`[^`\n]+`|\*\*[^*\n]+\*\*)/).map((piece, j) => {
+        if (j % 2 === 0) return document.createTextNode(piece);
+        return piece[0] === "`" ? el("code", null, piece.slice(1, -1)) : el("strong", null, piece.slice(2, -2));
+      });
+    }),
+  );
+}
+
+function append(node, parent = log) {
+  $("empty").hidden = true;
+  parent.append(node);
+  return node;
+}
+
+function addUser(text) {
+  append(el("div", "msg user", text));
+}
+
+function addTurn() {
+  return append(el("div", "turn"));
+}
+
+function current() {
+  turn ??= addTurn();
+  return turn;
+}
+
+function addText(parent, text) {
+  const node = append(el("div", "text"), parent);
+  renderMarkdown(node, text);
+  return node;
+}
+
+function addNotice(text, parent = log) {
+  append(el("div", "notice error", text), parent);
+}
+
+function addTool(parent, id, name, args) {
+  const card = el("details", "tool running");
+  const summary = el("summary");
+  const tool = {
+    card, name, args, started: performance.now(),
+    label: el("span", "tool-label", `using ${name}…`),
+    meta: el("span", "tool-meta"),
+    out: el("span", "tool-out"),
+    bar: el("progress"),
+  };
+  tool.bar.max = 1;
+  tool.bar.hidden = true;
+  summary.append(el("span", "tool-icon"), tool.label, tool.meta, tool.out, tool.bar);
+  card.append(summary);
+  tools.set(id, tool);
+  append(card, parent);
+  tick();
+  return tool;
+}
+
+function progress(tool, content) {
+  // Resync with the server's clock: the card's own start was when the call reached this page.
+  tool.started = performance.now() - content.elapsedS * 1000;
+  if (content.done) return;
+  tool.out.textContent = content.message || "";
+  if (content.fraction != null) {
+    tool.bar.hidden = false;
+    tool.bar.value = content.fraction;
+  }
+}
+
+function finishTool(tool, output, durationS, error) {
+  const { card } = tool;
+  card.classList.remove("running");
+  card.classList.toggle("failed", error != null);
+  tool.bar.remove();
+  tool.label.textContent = error != null ? `${tool.name} failed` : tool.name;
+  tool.meta.textContent = durationS != null ? secs(durationS) : "";
+  tool.out.textContent = error ?? output ?? "";
+  const body = el("div", "tool-body");
+  if (tool.args && tool.args !== "{}") body.append(el("div", "tool-head", "arguments"), el("pre", null, pretty(tool.args)));
+  body.append(el("div", "tool-head", error != null ? "error" : "result"), el("pre", null, error ?? output ?? ""));
+  card.append(body);
+}
+
+function pretty(json) {
+  try {
+    return JSON.stringify(JSON.parse(json), null, 2);
+  } catch {
+    return json;
+  }
+}
+
+// One timer ticks every running tool's elapsed seconds, and stops when none runs.
+function tick() {
+  ticker ||= setInterval(() => {
+    const now = performance.now();
+    let running = 0;
+    for (const tool of tools.values()) {
+      if (!tool.card.classList.contains("running")) continue;
+      running++;
+      tool.meta.textContent = `${((now - tool.started) / 1000).toFixed(1)}s`;
+    }
+    if (!running) {
+      clearInterval(ticker);
+      ticker = 0;
+    }
+  }, 100);
+}
+
+// Calls that will never get a result (the reply was stopped) stop ticking.
+function settleTools(reason) {
+  for (const tool of tools.values()) {
+    if (tool.card.classList.contains("running")) finishTool(tool, "", null, reason);
+  }
+}
+
+function markInterrupted(parent) {
+  append(el("span", "badge interrupted", "interrupted"), parent);
+}
+
+function setRunning(delta) {
+  pending = delta === null ? 0 : Math.max(0, pending + delta);
+  document.body.classList.toggle("running", pending > 0);
+}
+
+function clear() {
+  log.replaceChildren($("empty"));
+  $("empty").hidden = false;
+  texts.clear();
+  tools.clear();
+  turn = null;
+  setRunning(null);
+}
+
+function renderHistory(messages) {
+  clear();
+  let group = null; // an assistant's messages and tool results since the last user message
+  for (const m of messages) {
+    if (m.role === "user") {
+      addUser(m.content);
+      group = null;
+    } else if (m.role === "assistant") {
+      group ??= addTurn();
+      if (m.content) addText(group, m.content);
+      for (const call of m.toolCalls ?? []) addTool(group, call.id, call.function.name, call.function.arguments);
+      if (m.metadata?.rtagent?.interrupted) markInterrupted(group);
+    } else if (m.role === "tool" && tools.has(m.toolCallId)) {
+      finishTool(tools.get(m.toolCallId), m.content, null, null);
+    }
+  }
+  settleTools("stopped before it finished");
+}
+
+// -- the AG-UI events ---------------------------------------------------------------------------
+
+function handle(e) {
+  switch (e.type) {
+    case "RUN_STARTED":
+      turn = addTurn();
+      break;
+    case "STEP_STARTED":
+      if (e.stepName === "thinking") append(el("div", "thinking", "thinking"), current());
+      break;
+    case "STEP_FINISHED":
+      current().querySelector(".thinking")?.remove();
+      break;
+    case "TEXT_MESSAGE_START":
+      texts.set(e.messageId, { node: addText(current(), ""), text: "" });
+      break;
+    case "TEXT_MESSAGE_CONTENT": {
+      const message = texts.get(e.messageId);
+      if (!message) break;
+      message.text += e.delta;
+      renderMarkdown(message.node, message.text);
+      break;
+    }
+    case "TOOL_CALL_START":
+      addTool(current(), e.toolCallId, e.toolCallName, "");
+      break;
+    case "TOOL_CALL_ARGS":
+      if (tools.has(e.toolCallId)) tools.get(e.toolCallId).args += e.delta;
+      break;
+    case "ACTIVITY_SNAPSHOT":
+      if (e.activityType === "tool_progress" && tools.has(e.content.toolCallId)) {
+        progress(tools.get(e.content.toolCallId), e.content);
+      }
+      break;
+    case "TOOL_CALL_RESULT": {
+      const meta = e.metadata?.rtagent ?? {};
+      if (tools.has(e.toolCallId)) finishTool(tools.get(e.toolCallId), e.content, meta.durationS, meta.error);
+      break;
+    }
+    case "RUN_FINISHED":
+      current().querySelector(".thinking")?.remove();
+      if (e.result?.interrupted) {
+        settleTools("stopped");
+        markInterrupted(current());
+      }
+      turn = null;
+      setRunning(-1);
+      break;
+    case "RUN_ERROR":
+      current().querySelector(".thinking")?.remove();
+      settleTools("stopped");
+      addNotice(e.message || "the reply failed", current());
+      turn = null;
+      setRunning(-1);
+      break;
+    case "error": // a command the server refused; for a send, no reply will come
+      addNotice(e.message || e.error);
+      setRunning(-1);
+      break;
+  }
+}
+
+// -- the connection -----------------------------------------------------------------------------
+
+function setStatus(state, text) {
+  statusEl.dataset.state = state;
+  statusEl.textContent = text;
+}
+
+function authHeaders() {
+  return token ? { Authorization: `Bearer ${token}` } : {};
+}
+
+function askToken() {
+  const dialog = $("token-dialog");
+  dialog.showModal();
+  return new Promise((resolve) => {
+    dialog.addEventListener("close", () => resolve($("token").value.trim()), { once: true });
+  });
+}
+
+async function loadHistory() {
+  // Relative URLs: the page keeps working when a proxy serves it under a path prefix.
+  const response = await fetch(`threads/${thread}/messages`, { headers: authHeaders(), cache: "no-store" });
+  if (response.status === 401) {
+    token = await askToken();
+    localStorage.setItem(TOKEN_KEY, token);
+    return loadHistory();
+  }
+  if (response.status === 404) return renderHistory([]); // a new conversation
+  if (!response.ok) throw new Error(`the history answered ${response.status}`);
+  renderHistory((await response.json()).messages);
+  log.scrollTop = log.scrollHeight;
+}
+
+// (Re)connect: the history first, as the server may have cut a reply when the socket dropped.
+async function start() {
+  ready = false;
+  setStatus("connecting", retries ? "reconnecting…" : "connecting…");
+  try {
+    await loadHistory();
+  } catch {
+    return retry();
+  }
+  const url = new URL(`ws/${thread}`, location.href);
+  url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+  if (token) url.searchParams.set("token", token);
+  const ws = (socket = new WebSocket(url));
+  ws.onopen = () => {
+    retries = 0;
+    ready = true;
+    setStatus("online", "online");
+  };
+  ws.onmessage = (message) => {
+    if (ws !== socket) return;
+    const nearBottom = log.scrollHeight - log.scrollTop - log.clientHeight < 80;
+    handle(JSON.parse(message.data));
+    if (nearBottom) log.scrollTop = log.scrollHeight;
+  };
+  ws.onclose = () => {
+    if (ws !== socket) return;
+    ready = false;
+    setRunning(null);
+    retry();
+  };
+}
+
+function retry() {
+  setStatus("offline", "reconnecting…");
+  const delay = Math.min(10_000, 500 * 2 ** retries++);
+  retryTimer = setTimeout(start, delay);
+}
+
+function send() {
+  const text = input.value.trim();
+  if (!text || !ready) return;
+  socket.send(JSON.stringify({ type: "send", text }));
+  addUser(text);
+  input.value = "";
+  autosize();
+  setRunning(+1);
+  log.scrollTop = log.scrollHeight;
+}
+
+function autosize() {
+  input.style.height = "auto";
+  input.style.height = `${input.scrollHeight}px`;
+}
+
+$("composer").addEventListener("submit", (e) => {
+  e.preventDefault();
+  send();
+});
+input.addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+    e.preventDefault();
+    send();
+  }
+});
+input.addEventListener("input", autosize);
+$("stop").addEventListener("click", () => {
+  if (ready) socket.send(JSON.stringify({ type: "stop" }));
+});
+$("new").addEventListener("click", () => {
+  const old = socket;
+  socket = null; // closing the old socket (which stops its reply) must not trigger a reconnect
+  old?.close();
+  clearTimeout(retryTimer);
+  thread = newThread();
+  start();
+  input.focus();
+});
+
+start();
+input.focus();
