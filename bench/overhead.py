@@ -49,7 +49,9 @@ def _probes(base_url: str, tokens: int) -> dict[str, Probe]:
     client = AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0)
     settings = ModelSettings(max_tokens=tokens)
     sdk_agent = Agent(
-        name="bench", model=OpenAIChatCompletionsModel(model="bench", openai_client=client), model_settings=settings
+        name="bench",
+        model=OpenAIChatCompletionsModel(model="bench", openai_client=client),
+        model_settings=settings,
     )
     rt_agent = Agent(name="bench", model_settings=settings)
     rt_model = f"{base_url}#bench"
