@@ -401,7 +401,10 @@ def assert_error(response: httpx.Response, status: int, code: str, *words: str) 
         assert word in body["message"]
 
 
-async def test_bad_requests_get_a_4xx_json_error_naming_the_problem(tmp_path: Path) -> None:
+async def test_bad_requests_get_a_4xx_json_error_naming_the_problem(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_server, "STATIC", tmp_path / "no-page")  # so that GET / has nothing to serve
     app, _ = make_app(tmp_path, [reply("ok")], limits=Limits(max_body_bytes=4000, max_message_chars=100))
     async with client(app) as http:
         post = http.post
