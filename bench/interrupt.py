@@ -5,7 +5,8 @@ loopback HTTP like any server), interrupts it at its 10th text delta, and measur
 
 - ``to_turn_end_ms``: from ``turn.interrupt()`` to the ``TurnFinished`` event;
 - ``to_last_token_ms``: from ``turn.interrupt()`` to the server's last decoded token, seen by
-  polling the server's Prometheus counter ``llamacpp:n_decode_total`` every millisecond or so;
+  polling the server's Prometheus counter ``llamacpp:n_decode_total`` every millisecond or so
+  (``rtagent._local.DecodeWatch``);
 - ``stopped``: whether the counter then stayed still (generation really ended).
 
 The same rounds run against the plain SDK's ``RunResultStreaming.cancel()`` as a reference.
@@ -21,51 +22,16 @@ import statistics
 import time
 from collections.abc import Awaitable, Callable
 
-import httpx
 from agents import Agent, ModelSettings, RunConfig, Runner
 
 import rtagent
-from rtagent._local import default_model_path, shared_server
+from rtagent._local import DecodeWatch, default_model_path, shared_server
 from rtagent._models import parse_spec
 
 PROMPT = "Write a very long story about a dragon who learns to cook. Use many chapters."
 SETTINGS = ModelSettings(max_tokens=384)
 CUT_AT = 10
 SETTLE_S = 0.3
-
-
-class DecodeCounter:
-    """Polls the server's decode counter and remembers when it last moved."""
-
-    def __init__(self, address: str, api_key: str) -> None:
-        self._client = httpx.AsyncClient(base_url=address, headers={"Authorization": f"Bearer {api_key}"})
-        self.last_change = 0.0
-        self._value = -1.0
-        self._task: asyncio.Task[None] | None = None
-
-    async def _read(self) -> float:
-        text = (await self._client.get("/metrics")).text
-        for line in text.splitlines():
-            if line.startswith("llamacpp:n_decode_total"):
-                return float(line.split()[-1])
-        raise RuntimeError("the server's /metrics has no llamacpp:n_decode_total")
-
-    async def _poll(self) -> None:
-        while True:
-            value = await self._read()
-            if value != self._value:
-                self._value = value
-                self.last_change = time.perf_counter()
-            await asyncio.sleep(0.001)
-
-    async def __aenter__(self) -> DecodeCounter:
-        self._task = asyncio.create_task(self._poll())
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        await self._client.aclose()
 
 
 Round = Callable[[], Awaitable[tuple[float, float]]]
@@ -121,12 +87,12 @@ async def measure(count: int) -> dict[str, object]:
     to_end: dict[str, list[float]] = {}
     to_last: dict[str, list[float]] = {}
     not_stopped: dict[str, int] = {}
-    async with DecodeCounter(server.address, server.api_key) as counter:
+    async with DecodeWatch(server) as watch:
         for index in range(count + 2):
             for name, one_round in rounds(model).items():
                 interrupted_at, ended_at = await one_round()
                 await asyncio.sleep(SETTLE_S)
-                last_token = counter.last_change
+                last_token = watch.last_change
                 if time.perf_counter() - last_token < SETTLE_S / 2:
                     not_stopped[name] = not_stopped.get(name, 0) + 1
                 if index < 2:  # warm-up rounds

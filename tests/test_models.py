@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 import pytest
-from agents import Agent, RunConfig, SQLiteSession
+from agents import Agent, ModelSettings, RunConfig, SQLiteSession
 from agents.run_config import CallModelData, ModelInputData
 
 import rtagent
 from rtagent import ModelError, TextDelta, TurnFinished
+from rtagent._local import DecodeWatch, default_model_path, shared_server
 from rtagent._models import ServedModel, parse_spec, pooled_client, resolve_model
 from rtagent.testing import ScriptedModel
 
@@ -95,3 +98,31 @@ async def test_embedded_model_streams_and_remembers_the_conversation() -> None:
     assert "My name is Ada. Say hello to me." in texts[0]
     assert turn.result.text in texts[1]
     assert "What is my name?" in texts[2]
+
+
+@pytest.mark.model
+async def test_interrupt_stops_generation_on_the_embedded_model_server() -> None:
+    model = parse_spec("local")
+    assert isinstance(model, ServedModel)
+    await model.warm()
+    agent = Agent(
+        name="a", instructions="You are a storyteller.", model_settings=ModelSettings(max_tokens=384)
+    )
+    session = SQLiteSession("cut")
+    async with DecodeWatch(shared_server(default_model_path())) as watch:
+        deltas: list[str] = []
+        async with rtagent.stream(
+            agent, "Tell me a very long story about a dragon.", model=model, session=session
+        ) as turn:
+            async for event in turn:
+                if isinstance(event, TextDelta):
+                    deltas.append(event.text)
+                    if len(deltas) == 10:
+                        interrupted_at = time.perf_counter()
+                        turn.interrupt()
+        await asyncio.sleep(0.5)  # had generation gone on, the counter would have moved meanwhile
+        stopped_after = watch.last_change - interrupted_at
+    assert turn.result.interrupted
+    assert stopped_after < 0.1, f"the server decoded tokens {stopped_after * 1e3:.0f} ms after the interrupt"
+    history = await session.get_items()
+    assert history[-1]["content"][0]["text"] == "".join(deltas)  # type: ignore[typeddict-item, index]

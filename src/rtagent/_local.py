@@ -19,6 +19,7 @@ import importlib.util
 import os
 import secrets
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +190,55 @@ def _default_threads() -> int:
     # sched_getaffinity counts the CPUs this process may use (a container's cpuset).
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores - 1)
+
+
+class DecodeWatch:
+    """Polls a running server's decode counter and remembers when it last moved.
+
+    ``last_change`` (a ``time.perf_counter()`` value) is when the server was last seen decoding a
+    token: the way tests and benchmarks prove, from outside, that an interrupt stopped generation.
+
+        async with DecodeWatch(server) as watch:
+            ...
+        watch.last_change
+    """
+
+    def __init__(self, server: LocalServer, interval_s: float = 0.001) -> None:
+        import httpx
+
+        self._client = httpx.AsyncClient(
+            base_url=server.address, headers={"Authorization": f"Bearer {server.api_key}"}
+        )
+        self._interval_s = interval_s
+        self._value = -1.0
+        self._task: asyncio.Task[None] | None = None
+        self.last_change = 0.0
+
+    async def decoded(self) -> float:
+        """The server's ``llamacpp:n_decode_total``: decode steps since it started."""
+        for line in (await self._client.get("/metrics")).text.splitlines():
+            if line.startswith("llamacpp:n_decode_total"):
+                return float(line.split()[-1])
+        raise RuntimeError("the server's /metrics has no llamacpp:n_decode_total")
+
+    async def _poll(self) -> None:
+        while True:
+            value = await self.decoded()
+            if value != self._value:
+                self._value = value
+                self.last_change = time.perf_counter()
+            await asyncio.sleep(self._interval_s)
+
+    async def __aenter__(self) -> DecodeWatch:
+        self._value = await self.decoded()
+        self.last_change = time.perf_counter()
+        self._task = asyncio.create_task(self._poll())
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        await self._client.aclose()
 
 
 _shared: dict[Path, LocalServer] = {}

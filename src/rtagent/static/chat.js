@@ -9,10 +9,13 @@ const $ = (id) => document.getElementById(id);
 const log = $("log"), input = $("input"), statusEl = $("status");
 const THREAD_KEY = "rtagent.thread", TOKEN_KEY = "rtagent.token";
 
-let thread = localStorage.getItem(THREAD_KEY) || newThread();
+let thread = localStorage.getItem(THREAD_KEY);
+let fresh = !thread; // a conversation nothing was sent in yet: the server has no history of it
+thread ||= newThread();
 let token = localStorage.getItem(TOKEN_KEY);
 let socket = null; // the live socket; events of any other (closed) one are ignored
 let ready = false; // the history is drawn and the socket is open: sending is possible
+let starts = 0; // counts start() calls, so a superseded one gives up
 let retries = 0;
 let retryTimer = 0;
 let pending = 0; // replies asked for and not yet finished
@@ -24,9 +27,7 @@ let ticker = 0;
 function newThread() {
   // Not crypto.randomUUID: that needs a secure context, and the page may be served over plain http.
   const bytes = crypto.getRandomValues(new Uint8Array(12));
-  const id = Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
-  localStorage.setItem(THREAD_KEY, id);
-  return id;
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
 function el(tag, className, text) {
@@ -49,6 +50,9 @@ function renderMarkdown(node, text) {
   node.replaceChildren(
     ...parts.flatMap((part, i) => {
       if (i % 2) return part ? [el("pre", "code", part.replace(/\n$/, ""))] : [];
+      // A code block is a block already: the blank lines around it would only add space.
+      if (i > 0) part = part.replace(/^\n+/, "");
+      if (i < parts.length - 1) part = part.replace(/\n+$/, "");
       return part.split(/(`[^`\n]+`|\*\*[^*\n]+\*\*)/).map((piece, j) => {
         if (j % 2 === 0) return document.createTextNode(piece);
         return piece[0] === "`" ? el("code", null, piece.slice(1, -1)) : el("strong", null, piece.slice(2, -2));
@@ -117,18 +121,19 @@ function progress(tool, content) {
   }
 }
 
-function finishTool(tool, output, durationS, error) {
-  const { card } = tool;
-  card.classList.remove("running");
-  card.classList.toggle("failed", error != null);
+// `state` is "done", "failed" (`output` is then the error) or "stopped" (the reply was stopped first).
+function finishTool(tool, state, output, durationS) {
+  tool.card.classList.replace("running", state);
   tool.bar.remove();
-  tool.label.textContent = error != null ? `${tool.name} failed` : tool.name;
+  tool.label.textContent = state === "failed" ? `${tool.name} failed` : tool.name;
   tool.meta.textContent = durationS != null ? secs(durationS) : "";
-  tool.out.textContent = error ?? output ?? "";
+  tool.out.textContent = state === "stopped" ? "stopped" : output;
   const body = el("div", "tool-body");
-  if (tool.args && tool.args !== "{}") body.append(el("div", "tool-head", "arguments"), el("pre", null, pretty(tool.args)));
-  body.append(el("div", "tool-head", error != null ? "error" : "result"), el("pre", null, error ?? output ?? ""));
-  card.append(body);
+  if (tool.args && tool.args !== "{}") {
+    body.append(el("div", "tool-head", "arguments"), el("pre", null, pretty(tool.args)));
+  }
+  body.append(el("div", "tool-head", state === "failed" ? "error" : "result"), el("pre", null, output));
+  tool.card.append(body);
 }
 
 function pretty(json) {
@@ -157,9 +162,9 @@ function tick() {
 }
 
 // Calls that will never get a result (the reply was stopped) stop ticking.
-function settleTools(reason) {
+function settleTools() {
   for (const tool of tools.values()) {
-    if (tool.card.classList.contains("running")) finishTool(tool, "", null, reason);
+    if (tool.card.classList.contains("running")) finishTool(tool, "stopped", "(no result)", null);
   }
 }
 
@@ -194,10 +199,10 @@ function renderHistory(messages) {
       for (const call of m.toolCalls ?? []) addTool(group, call.id, call.function.name, call.function.arguments);
       if (m.metadata?.rtagent?.interrupted) markInterrupted(group);
     } else if (m.role === "tool" && tools.has(m.toolCallId)) {
-      finishTool(tools.get(m.toolCallId), m.content, null, null);
+      finishTool(tools.get(m.toolCallId), "done", m.content, null);
     }
   }
-  settleTools("stopped before it finished");
+  settleTools();
 }
 
 // -- the AG-UI events ---------------------------------------------------------------------------
@@ -235,14 +240,18 @@ function handle(e) {
       }
       break;
     case "TOOL_CALL_RESULT": {
-      const meta = e.metadata?.rtagent ?? {};
-      if (tools.has(e.toolCallId)) finishTool(tools.get(e.toolCallId), e.content, meta.durationS, meta.error);
+      const { durationS, error } = e.metadata?.rtagent ?? {};
+      const tool = tools.get(e.toolCallId);
+      if (!tool) break;
+      if (error === "interrupted") finishTool(tool, "stopped", e.content, durationS);
+      else if (error != null) finishTool(tool, "failed", error, durationS);
+      else finishTool(tool, "done", e.content, durationS);
       break;
     }
     case "RUN_FINISHED":
       current().querySelector(".thinking")?.remove();
       if (e.result?.interrupted) {
-        settleTools("stopped");
+        settleTools();
         markInterrupted(current());
       }
       turn = null;
@@ -250,7 +259,7 @@ function handle(e) {
       break;
     case "RUN_ERROR":
       current().querySelector(".thinking")?.remove();
-      settleTools("stopped");
+      settleTools();
       addNotice(e.message || "the reply failed", current());
       turn = null;
       setRunning(-1);
@@ -281,34 +290,42 @@ function askToken() {
   });
 }
 
-async function loadHistory() {
+// The conversation so far. A fresh one has none to ask for, unless its socket was refused
+// (`probe`): the answer then tells whether the server wants a token.
+async function loadHistory(probe) {
+  if (fresh && !probe) return renderHistory([]);
   // Relative URLs: the page keeps working when a proxy serves it under a path prefix.
   const response = await fetch(`threads/${thread}/messages`, { headers: authHeaders(), cache: "no-store" });
   if (response.status === 401) {
     token = await askToken();
     localStorage.setItem(TOKEN_KEY, token);
-    return loadHistory();
+    return loadHistory(false);
   }
-  if (response.status === 404) return renderHistory([]); // a new conversation
+  if (response.status === 404) return renderHistory([]); // e.g. deleted meanwhile
   if (!response.ok) throw new Error(`the history answered ${response.status}`);
   renderHistory((await response.json()).messages);
   log.scrollTop = log.scrollHeight;
 }
 
 // (Re)connect: the history first, as the server may have cut a reply when the socket dropped.
-async function start() {
+async function start(probe = false) {
+  const run = ++starts;
   ready = false;
   setStatus("connecting", retries ? "reconnecting…" : "connecting…");
   try {
-    await loadHistory();
+    await loadHistory(probe);
   } catch {
-    return retry();
+    if (run === starts) retry(probe);
+    return;
   }
+  if (run !== starts) return; // "New conversation" was clicked meanwhile
   const url = new URL(`ws/${thread}`, location.href);
   url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
   if (token) url.searchParams.set("token", token);
   const ws = (socket = new WebSocket(url));
+  let opened = false;
   ws.onopen = () => {
+    opened = true;
     retries = 0;
     ready = true;
     setStatus("online", "online");
@@ -323,20 +340,25 @@ async function start() {
     if (ws !== socket) return;
     ready = false;
     setRunning(null);
-    retry();
+    retry(!opened);
   };
 }
 
-function retry() {
+function retry(probe) {
   setStatus("offline", "reconnecting…");
   const delay = Math.min(10_000, 500 * 2 ** retries++);
-  retryTimer = setTimeout(start, delay);
+  retryTimer = setTimeout(start, delay, probe);
 }
 
 function send() {
-  const text = input.value.trim();
-  if (!text || !ready) return;
+  const text = input.value;
+  if (!text.trim() || !ready) return;
   socket.send(JSON.stringify({ type: "send", text }));
+  if (fresh) {
+    // Only now is the conversation worth coming back to after a reload.
+    fresh = false;
+    localStorage.setItem(THREAD_KEY, thread);
+  }
   addUser(text);
   input.value = "";
   autosize();
@@ -346,7 +368,8 @@ function send() {
 
 function autosize() {
   input.style.height = "auto";
-  input.style.height = `${input.scrollHeight}px`;
+  // scrollHeight leaves out the borders, which the border-box height includes.
+  input.style.height = `${input.scrollHeight + input.offsetHeight - input.clientHeight}px`;
 }
 
 $("composer").addEventListener("submit", (e) => {
@@ -369,6 +392,8 @@ $("new").addEventListener("click", () => {
   old?.close();
   clearTimeout(retryTimer);
   thread = newThread();
+  fresh = true;
+  localStorage.removeItem(THREAD_KEY); // a reload now also starts afresh
   start();
   input.focus();
 });

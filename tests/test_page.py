@@ -1,0 +1,275 @@
+"""The browser chat page (``rtagent/static``), driven in a real headless Chromium by Playwright.
+
+A real uvicorn server runs on a loopback port in a thread, with a scripted model, so the page sees
+exactly the frames a person's browser would. Debian's ``chromium`` is the browser (``playwright
+install`` downloads builds of its own, which this project cannot); ``scripts/system-deps`` installs
+it. Screenshots land in ``artifacts/`` for a person to look at.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import uvicorn
+from agents import Agent, function_tool
+from agents.tool import FunctionTool
+from playwright.sync_api import Browser, Page, Playwright, expect, sync_playwright
+
+import rtagent
+from rtagent._server import create_app
+from rtagent.testing import ScriptedModel, Step, call, reply, tool_calls
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+TIMEOUT_MS = 15_000  # generous: a loaded CI machine may be slow, and every wait ends on a condition
+LONG_REPLY = " ".join(f"word{i}" for i in range(400))  # 20 s at 50 ms a word: Stop always comes first
+ATLAS = "Paris: 2,102,650 inhabitants (2023 census), 105.4 km², 20 arrondissements."
+MARKDOWN_REPLY = (
+    "The **2.1 million** figure is the city proper; the metro area has about 12 million.\n\n"
+    "```\ndensity = 2_102_650 / 105.4  # ≈ 19,950 per km²\n```\n"
+    "Use `lookup` again for any other city."
+)
+TICKED = re.compile(r"^(0\.[3-9]|[1-9]\d*\.\d)s$")  # an elapsed time of 0.3 s or more
+HOSTILE = "Look: <img src=x onerror=window.__pwned=1> and <script>window.__pwned=1</script> done."
+
+
+def find_chromium() -> str | None:
+    """Debian's chromium, installed by ``scripts/system-deps`` when missing and we may."""
+    if os.access(CHROMIUM, os.X_OK):
+        return CHROMIUM
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run([ROOT / "scripts" / "system-deps"], check=False, timeout=600)
+    return CHROMIUM if os.access(CHROMIUM, os.X_OK) else None
+
+
+@pytest.fixture(scope="module")
+def playwright() -> Iterator[Playwright]:
+    with sync_playwright() as driver:
+        yield driver
+
+
+@pytest.fixture(scope="module")
+def browser(playwright: Playwright) -> Iterator[Browser]:
+    executable = find_chromium()
+    if executable is None:
+        pytest.skip(f"no {CHROMIUM}, and scripts/system-deps could not install it (it needs root and apt)")
+    browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS)
+    yield browser
+    browser.close()
+
+
+@contextmanager
+def serving(
+    steps: Sequence[Step], tools: Sequence[FunctionTool], db: Path, token: str | None = None
+) -> Iterator[tuple[str, ScriptedModel]]:
+    """uvicorn on a random loopback port, in a thread: the sync Playwright API owns the test's thread."""
+    model = ScriptedModel(steps)
+    app = create_app(Agent(name="helper", tools=list(tools)), model=model, db_path=db, token=token)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(app, log_level="warning", ws="websockets-sansio", timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/", model
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        sock.close()
+
+
+def wait_for(condition: Callable[[], bool]) -> None:
+    """Poll ``condition()``: it watches another thread's state, which has no event to wait on."""
+    deadline = time.monotonic() + TIMEOUT_MS / 1000
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def console_errors() -> list[str]:
+    """The page's script errors and console errors (a CSP violation is one): it must run clean."""
+    return []
+
+
+@pytest.fixture
+def page(browser: Browser, console_errors: list[str]) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1100, "height": 760})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.on("pageerror", lambda exc: console_errors.append(str(exc)))
+    page.on("console", lambda msg: console_errors.append(msg.text) if msg.type == "error" else None)
+    yield page
+    context.close()
+    assert console_errors == []
+
+
+def gated_lookup(gate: threading.Event) -> FunctionTool:
+    @function_tool
+    async def lookup(query: str) -> str:
+        """Look a city up."""
+        rtagent.progress("searching the atlas", 0.4)
+        await asyncio.to_thread(gate.wait, 30)  # runs until the test has seen it running
+        return ATLAS
+
+    return lookup
+
+
+def screenshot(page: Page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=ARTIFACTS / name, full_page=True)
+
+
+def send(page: Page, text: str) -> None:
+    page.locator("#input").fill(text)
+    page.locator("#input").press("Enter")
+
+
+def test_a_reply_streams_shows_its_tool_stops_and_reloads(page: Page, tmp_path: Path) -> None:
+    gate = threading.Event()
+    steps = [
+        tool_calls(call("lookup", {"query": "Paris"})),
+        reply(LONG_REPLY, delay=0.05),
+        reply(MARKDOWN_REPLY, delay=0.005),
+    ]
+    try:
+        with serving(steps, [gated_lookup(gate)], tmp_path / "threads.db") as (url, model):
+            page.goto(url)
+            expect(page.locator("#status")).to_have_text("online")
+            send(page, "How big is Paris?")
+            expect(page.locator(".msg.user")).to_have_text("How big is Paris?")
+            expect(page.locator("#stop")).to_be_visible()
+
+            # The tool shows while it runs: its name, its progress, and elapsed seconds that tick.
+            tool = page.locator(".tool.running")
+            expect(tool).to_contain_text("using lookup…")
+            expect(tool).to_contain_text("searching the atlas")
+            expect(tool.locator("progress")).to_have_attribute("value", "0.4")
+            expect(tool.locator(".tool-meta")).to_have_text(TICKED)
+            screenshot(page, "page-tool-running.png")
+            gate.set()
+            done = page.locator(".tool.done")
+            expect(done).to_contain_text("lookup")
+            expect(done.locator(".tool-out")).to_have_text(ATLAS)
+            expect(done.locator(".tool-meta")).to_have_text(re.compile(r"^\d+\.\d+s$"))
+
+            # Text streams: part of the reply is on screen while the rest is still to come.
+            text = page.locator(".turn .text").first
+            expect(text).to_contain_text("word5 ")
+            partial = text.text_content() or ""
+            assert LONG_REPLY.startswith(partial)
+            assert len(partial) < len(LONG_REPLY)
+            expect(page.locator("#stop")).to_be_visible()
+            expect(page.locator("#input")).to_be_editable()  # a new message may interrupt the reply
+
+            page.locator("#stop").click()
+            expect(page.locator(".turn .badge.interrupted")).to_be_visible()
+            expect(page.locator("#stop")).to_be_hidden()
+            wait_for(lambda: model.streams[-1].outcome == "closed")  # the model stopped generating
+            seen = text.text_content() or ""
+            assert LONG_REPLY.startswith(seen)
+            assert len(seen) < len(LONG_REPLY)
+
+            send(page, "And the density?")
+            expect(page.locator(".turn").nth(1).locator("strong")).to_have_text("2.1 million")
+            expect(page.locator("#stop")).to_be_hidden()
+            expect(text).to_have_text(seen)  # a whole later reply on, the cut one has not grown
+
+            # A reload draws the conversation from the server: the cut reply, marked, and the tool.
+            page.reload()
+            expect(page.locator(".msg.user")).to_have_count(2)
+            first = page.locator(".turn").first
+            expect(first.locator(".tool")).to_contain_text(ATLAS)
+            expect(first.locator(".text")).to_have_text(seen)
+            expect(first.locator(".badge.interrupted")).to_be_visible()
+            expect(page.locator(".turn").nth(1).locator("pre")).to_contain_text("density = 2_102_650")
+            screenshot(page, "page-desktop.png")
+            page.set_viewport_size({"width": 375, "height": 740})
+            screenshot(page, "page-mobile.png")
+    finally:
+        gate.set()  # a failed test must not leave the tool's thread waiting
+
+
+def test_model_output_is_shown_as_text_and_never_runs(page: Page, tmp_path: Path) -> None:
+    with serving([reply(HOSTILE, delay=0.005)], [], tmp_path / "threads.db") as (url, _):
+        page.goto(url)
+        expect(page.locator("#status")).to_have_text("online")
+        # Shift+Enter adds a line, Enter sends.
+        page.locator("#input").type("first line")
+        page.locator("#input").press("Shift+Enter")
+        page.locator("#input").type("second line")
+        page.locator("#input").press("Enter")
+        expect(page.locator(".msg.user")).to_have_text("first line\nsecond line")
+        expect(page.locator("#input")).to_have_value("")
+
+        for _ in ("live", "reloaded"):
+            reply_text = page.locator(".turn .text").first
+            expect(reply_text).to_have_text(HOSTILE)
+            assert page.locator(".turn img, .turn script").count() == 0
+            assert page.evaluate("typeof window.__pwned") == "undefined"
+            page.reload()
+
+
+def test_a_new_conversation_and_a_dropped_socket(page: Page, tmp_path: Path) -> None:
+    with serving([reply("first answer"), reply("second answer")], [], tmp_path / "threads.db") as (url, _):
+        page.goto(url)
+        expect(page.locator("#status")).to_have_text("online")
+        send(page, "hello")
+        expect(page.locator(".turn .text")).to_have_text("first answer")
+        old = page.evaluate("localStorage.getItem('rtagent.thread')")
+
+        page.locator("#new").click()
+        expect(page.locator(".msg")).to_have_count(0)
+        expect(page.locator("#empty")).to_be_visible()
+        assert page.evaluate("localStorage.getItem('rtagent.thread')") is None
+
+        # The page reconnects by itself when its socket drops, and keeps working.
+        page.evaluate("socket.close()")
+        expect(page.locator("#status")).to_have_text("reconnecting…")
+        expect(page.locator("#status")).to_have_text("online")
+        send(page, "still there?")
+        expect(page.locator(".turn .text")).to_have_text("second answer")
+        assert page.evaluate("localStorage.getItem('rtagent.thread')") not in (None, old)
+
+
+def test_a_server_with_a_token_asks_for_it_once(
+    page: Page, console_errors: list[str], tmp_path: Path
+) -> None:
+    with serving([reply("one"), reply("two")], [], tmp_path / "threads.db", token="s3cret") as (url, _):
+        page.goto(url)  # its socket is refused, and the page asks for the token
+        page.locator("#token").fill("s3cret")
+        page.locator("#token").press("Enter")
+        expect(page.locator("#status")).to_have_text("online")
+        send(page, "hi")
+        expect(page.locator(".turn .text")).to_have_text("one")
+        page.reload()  # the token is remembered
+        expect(page.locator(".turn .text")).to_have_text("one")
+        expect(page.locator("#token-dialog")).to_be_hidden()
+        # The browser logs the refusals the page answered with its dialog, and only those.
+        assert console_errors
+        refusals = ("401", "Authentication failed")
+        assert all(any(r in error for r in refusals) for error in console_errors), console_errors
+        console_errors.clear()
