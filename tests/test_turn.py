@@ -10,6 +10,7 @@ from agents import Agent, SQLiteSession, function_tool
 
 import rtagent
 from rtagent import Event, TextDelta, Thinking, ToolFinished, ToolStarted, TurnFailed, TurnFinished
+from rtagent._buffer import MAX_PENDING_EVENTS
 from rtagent.testing import ScriptedModel, call, fail, reply, tool_calls
 
 
@@ -240,7 +241,7 @@ async def test_slow_consumer_gets_coalesced_text_not_unbounded_queue() -> None:
         await asyncio.sleep(0.3)  # the whole reply arrives while nobody reads
         events = [event async for event in turn]
     deltas = [e for e in events if isinstance(e, TextDelta)]
-    assert len(deltas) <= rtagent._turn.MAX_PENDING_EVENTS
+    assert len(deltas) <= MAX_PENDING_EVENTS
     assert "".join(d.text for d in deltas) == "".join(f"{i} " for i in range(2000))
 
 

@@ -14,14 +14,18 @@ so the model knows it was cut off; the session keeps the exact text for front en
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import inspect
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
 from agents.items import TResponseInputItem
 from agents.memory import Session
-from agents.run_config import CallModelData, ModelInputData
+from agents.run_config import CallModelData, CallModelInputFilter, ModelInputData
+
+from ._errors import describe
 
 INTERRUPTED = "Interrupted by the user before the tool finished."
 STILL_RUNNING = "Still running in the background; its result will be added to the conversation."
@@ -83,3 +87,30 @@ def _marked(item: TResponseInputItem) -> TResponseInputItem:
     content: Any = item["content"]  # type: ignore[typeddict-item]
     text = content if isinstance(content, str) else "".join(part.get("text", "") for part in content)
     return {"type": "message", "role": "assistant", "content": f"{text.rstrip()} {CUT_MARK}".lstrip()}
+
+
+def record_late(session: Session, call_id: str, name: str, arguments: str, task: asyncio.Future[Any]) -> None:
+    """Save a background tool's output as a call/output pair of its own, once it arrives."""
+    if task.cancelled():
+        return
+    error = task.exception()
+    output = f"The tool failed: {describe(error)}" if error is not None else str(task.result())
+    pair = call_pair(f"{call_id}-done", name, arguments, output)
+    _late_writes.add(saving := asyncio.ensure_future(session.add_items(pair)))
+    saving.add_done_callback(_late_writes.discard)
+
+
+# Strong references, so a pending write is not garbage-collected before it runs.
+_late_writes: set[asyncio.Future[None]] = set()
+
+
+def with_cut_marks(user_filter: CallModelInputFilter | None) -> CallModelInputFilter:
+    if user_filter is None:
+        return mark_cut_replies
+
+    async def both(data: CallModelData[Any]) -> ModelInputData:
+        marked = replace(data, model_data=mark_cut_replies(data))
+        result = user_filter(marked)
+        return await result if inspect.isawaitable(result) else result
+
+    return both

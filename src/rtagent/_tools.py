@@ -19,8 +19,10 @@ from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-from agents import Agent, FunctionTool
+from agents import Agent, FunctionTool, RunHooks
+from agents.lifecycle import RunHooksBase
 from agents.run_context import RunContextWrapper
+from agents.tool import Tool
 from agents.tool_context import ToolContext
 
 logger = logging.getLogger("rtagent")
@@ -32,6 +34,8 @@ class ToolSink(Protocol):
     def _tool_progress(self, call_id: str, message: str, fraction: float | None) -> None: ...
     def _tool_error(self, call_id: str, text: str) -> None: ...
     def _tool_kept(self, call_id: str, name: str, arguments: str, task: asyncio.Future[Any]) -> None: ...
+    def _on_tool_start(self, call_id: str, name: str, arguments: str) -> None: ...
+    def _on_tool_end(self, call_id: str, name: str, output: object) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +233,41 @@ class _Watchdog:
                 return invoker._name if isinstance(invoker, _Reporting) else None
             frame = frame.f_back
         return None
+
+
+class ToolHooks(RunHooks[Any]):
+    """Reports tool starts and ends at their true times, and forwards to the caller's own hooks."""
+
+    def __init__(self, turn: ToolSink, inner: RunHooksBase[Any, Any] | None) -> None:
+        self._turn = turn
+        self._inner = inner or RunHooks()
+
+    async def on_tool_start(self, context: RunContextWrapper[Any], agent: Agent[Any], tool: Tool) -> None:
+        if isinstance(context, ToolContext):
+            self._turn._on_tool_start(context.tool_call_id, tool.name, context.tool_arguments)
+        await self._inner.on_tool_start(context, agent, tool)
+
+    async def on_tool_end(
+        self, context: RunContextWrapper[Any], agent: Agent[Any], tool: Tool, result: object
+    ) -> None:
+        if isinstance(context, ToolContext):
+            self._turn._on_tool_end(context.tool_call_id, tool.name, result)
+        await self._inner.on_tool_end(context, agent, tool, result)
+
+    async def on_llm_start(self, *args: Any, **kwargs: Any) -> None:
+        await self._inner.on_llm_start(*args, **kwargs)
+
+    async def on_llm_end(self, *args: Any, **kwargs: Any) -> None:
+        await self._inner.on_llm_end(*args, **kwargs)
+
+    async def on_agent_start(self, *args: Any, **kwargs: Any) -> None:
+        await self._inner.on_agent_start(*args, **kwargs)
+
+    async def on_agent_end(self, *args: Any, **kwargs: Any) -> None:
+        await self._inner.on_agent_end(*args, **kwargs)
+
+    async def on_handoff(self, *args: Any, **kwargs: Any) -> None:
+        await self._inner.on_handoff(*args, **kwargs)
 
 
 _REPORTING_CODE = _Reporting.__call__.__code__

@@ -3,8 +3,8 @@
 The SDK's own stream is late in two places that matter to a person watching: it announces a tool
 call only after the model's whole response, and it holds every tool output of a model turn until
 the slowest tool ends. So rtagent listens at the two places where things really happen: the model's
-raw event stream (a thin wrapper around the model, ``_Tap``) and the SDK's tool hooks
-(``_ToolHooks``). The SDK's own event stream is still drained, because the run loop, the session
+raw event stream (a thin wrapper around the model, ``_tap.Tap``) and the SDK's tool hooks
+(``_tools.ToolHooks``). The SDK's own event stream is still drained, because the run loop, the session
 and the final result live behind it.
 """
 
@@ -12,31 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import inspect
-import itertools
 import json
 import time
-from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from types import TracebackType
 from typing import Any, TypedDict, Unpack
 
-import openai
 from agents import Agent, RunConfig, RunHooks, Runner
-from agents.agent_output import AgentOutputSchemaBase
-from agents.handoffs import Handoff
-from agents.items import ModelResponse, TResponseInputItem, TResponseStreamEvent
-from agents.lifecycle import RunHooksBase
+from agents.items import TResponseInputItem, TResponseStreamEvent
 from agents.memory import Session
-from agents.model_settings import ModelSettings
-from agents.models.interface import Model, ModelTracing
 from agents.result import RunResultStreaming
-from agents.retry import ModelRetryAdvice, ModelRetryAdviceRequest
-from agents.run_config import CallModelData, CallModelInputFilter, ModelInputData
-from agents.run_context import RunContextWrapper
-from agents.tool import Tool
-from agents.tool_context import ToolContext
 from openai.types.responses import (
     ResponseFunctionCallArgumentsDeltaEvent,
     ResponseFunctionToolCall,
@@ -44,9 +30,9 @@ from openai.types.responses import (
     ResponseOutputItemDoneEvent,
     ResponseTextDeltaEvent,
 )
-from openai.types.responses.response_prompt_param import ResponsePromptParam
 
-from ._errors import RTAgentError, describe
+from ._buffer import MAX_PENDING_EVENTS, EventBuffer
+from ._errors import describe
 from ._events import (
     Event,
     TextDelta,
@@ -57,73 +43,13 @@ from ._events import (
     TurnFailed,
     TurnFinished,
 )
-from ._history import INTERRUPTED, STILL_RUNNING, call_pair, mark_cut_replies, record_cut
+from ._history import INTERRUPTED, STILL_RUNNING, record_cut, record_late, with_cut_marks
 from ._models import ModelSpec, resolve_model
 from ._result import ToolTiming, TurnMetrics, TurnResult
-from ._tools import instrument
+from ._tap import Tap
+from ._tools import ToolHooks, instrument
 
 DEFAULT_MAX_TURNS = 10
-
-# A consumer that falls this far behind gets consecutive text deltas merged instead of queued, so a
-# slow front end costs latency, never unbounded memory.
-MAX_PENDING_EVENTS = 256
-
-# A model that fails before its first event is retried with exponential backoff, within a budget
-# that keeps "the server is down" under five seconds.
-MODEL_RETRIES = 3
-RETRY_BACKOFF_S = 0.25
-RETRY_BUDGET_S = 2.5
-
-
-class _EventBuffer:
-    """A single-consumer queue that coalesces when the consumer falls behind.
-
-    Cheaper than ``asyncio.Queue`` on the per-delta hot path: one deque append and at most one
-    future wake-up per event.
-    """
-
-    __slots__ = ("_items", "_limit", "_waiter")
-
-    def __init__(self, limit: int) -> None:
-        self._items: deque[Event] = deque()
-        self._limit = limit
-        self._waiter: asyncio.Future[None] | None = None
-
-    def put(self, event: Event) -> None:
-        items = self._items
-        if len(items) >= self._limit and items:
-            merged = _coalesce(items[-1], event)
-            if merged is not None:
-                items[-1] = merged
-                return
-        items.append(event)
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def drop_text(self) -> int:
-        """Remove the text deltas not yet taken; returns how many characters they held."""
-        kept = [event for event in self._items if not isinstance(event, TextDelta)]
-        dropped = sum(len(event.text) for event in self._items if isinstance(event, TextDelta))
-        self._items = deque(kept)
-        return dropped
-
-    async def get(self) -> Event:
-        while not self._items:
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        return self._items.popleft()
-
-
-def _coalesce(last: Event, new: Event) -> Event | None:
-    if isinstance(last, TextDelta) and isinstance(new, TextDelta):
-        return TextDelta(last.text + new.text)
-    if isinstance(last, ToolProgress) and isinstance(new, ToolProgress) and last.call_id == new.call_id:
-        return new
-    return None
 
 
 class TurnOptions(TypedDict, total=False):
@@ -160,7 +86,7 @@ class Turn:
         self._input = input
         self._after = after
         self._options = options
-        self._events = _EventBuffer(MAX_PENDING_EVENTS)
+        self._events = EventBuffer(MAX_PENDING_EVENTS)
         self._task: asyncio.Task[None] | None = None
         self._sdk: RunResultStreaming | None = None
         self._interrupted = False
@@ -280,15 +206,15 @@ class Turn:
             run_config = options.get("run_config") or RunConfig(tracing_disabled=True)
             run_config = replace(
                 run_config,
-                model=_Tap(resolve_model(options.get("model"), self.agent), self),
-                call_model_input_filter=_chain_filter(run_config.call_model_input_filter),
+                model=Tap(resolve_model(options.get("model"), self.agent), self),
+                call_model_input_filter=with_cut_marks(run_config.call_model_input_filter),
             )
             self._sdk = Runner.run_streamed(
                 instrument(self.agent, self),
                 self._input,
                 context=options.get("context"),
                 max_turns=options.get("max_turns", DEFAULT_MAX_TURNS),
-                hooks=_ToolHooks(self, options.get("hooks")),
+                hooks=ToolHooks(self, options.get("hooks")),
                 run_config=run_config,
                 session=options.get("session"),
             )
@@ -321,7 +247,7 @@ class Turn:
             except Exception as exc:  # a broken session must not hide the turn's own outcome
                 error = error or exc
             for call_id, (name, arguments, task) in self._kept.items():
-                task.add_done_callback(functools.partial(_record_late, session, call_id, name, arguments))
+                task.add_done_callback(functools.partial(record_late, session, call_id, name, arguments))
         self._close(error)
 
     def _on_task_done(self, task: asyncio.Task[None]) -> None:
@@ -445,186 +371,12 @@ class Turn:
         self._kept[call_id] = (name, arguments, task)
 
 
-def _record_late(
-    session: Session, call_id: str, name: str, arguments: str, task: asyncio.Future[Any]
-) -> None:
-    """Save a background tool's output as a call/output pair of its own, once it arrives."""
-    if task.cancelled():
-        return
-    error = task.exception()
-    output = f"The tool failed: {describe(error)}" if error is not None else str(task.result())
-    pair = call_pair(f"{call_id}-done", name, arguments, output)
-    _late_writes.add(saving := asyncio.ensure_future(session.add_items(pair)))
-    saving.add_done_callback(_late_writes.discard)
-
-
-# Strong references, so a pending write is not garbage-collected before it runs.
-_late_writes: set[asyncio.Future[None]] = set()
-
-
-def _chain_filter(user_filter: CallModelInputFilter | None) -> CallModelInputFilter:
-    if user_filter is None:
-        return mark_cut_replies
-
-    async def both(data: CallModelData[Any]) -> ModelInputData:
-        marked = replace(data, model_data=mark_cut_replies(data))
-        result = user_filter(marked)
-        return await result if inspect.isawaitable(result) else result
-
-    return both
-
-
-_DELTAS = (ResponseTextDeltaEvent, ResponseFunctionCallArgumentsDeltaEvent)
-
-
-def _transient(error: Exception) -> bool:
-    """Worth another try: not a request the server will refuse again, nor a configuration error."""
-    permanent = (
-        openai.BadRequestError,
-        openai.AuthenticationError,
-        openai.PermissionDeniedError,
-        openai.NotFoundError,
-        openai.UnprocessableEntityError,
-        RTAgentError,
-    )
-    return not isinstance(error, permanent)
-
-
 def _is_json(text: str) -> bool:
     try:
         json.loads(text)
     except ValueError:
         return False
     return True
-
-
-class _Tap(Model):
-    """Passes a model through, showing the turn each raw event before the SDK sees it."""
-
-    def __init__(self, inner: Model, turn: Turn) -> None:
-        self._inner = inner
-        self._turn = turn
-
-    async def get_response(
-        self,
-        system_instructions: str | None,
-        input: str | list[TResponseInputItem],
-        model_settings: ModelSettings,
-        tools: list[Tool],
-        output_schema: AgentOutputSchemaBase | None,
-        handoffs: list[Handoff],
-        tracing: ModelTracing,
-        *,
-        previous_response_id: str | None,
-        conversation_id: str | None,
-        prompt: ResponsePromptParam | None,
-    ) -> ModelResponse:
-        return await self._inner.get_response(
-            system_instructions,
-            input,
-            model_settings,
-            tools,
-            output_schema,
-            handoffs,
-            tracing,
-            previous_response_id=previous_response_id,
-            conversation_id=conversation_id,
-            prompt=prompt,
-        )
-
-    async def stream_response(
-        self,
-        system_instructions: str | None,
-        input: str | list[TResponseInputItem],
-        model_settings: ModelSettings,
-        tools: list[Tool],
-        output_schema: AgentOutputSchemaBase | None,
-        handoffs: list[Handoff],
-        tracing: ModelTracing,
-        *,
-        previous_response_id: str | None,
-        conversation_id: str | None,
-        prompt: ResponsePromptParam | None,
-    ) -> AsyncIterator[TResponseStreamEvent]:
-        turn = self._turn
-        turn._on_model_call()
-        first_attempt = time.monotonic()
-        for attempt in itertools.count():
-            stream = self._inner.stream_response(
-                system_instructions,
-                input,
-                model_settings,
-                tools,
-                output_schema,
-                handoffs,
-                tracing,
-                previous_response_id=previous_response_id,
-                conversation_id=conversation_id,
-                prompt=prompt,
-            )
-            started = False
-            try:
-                async for event in stream:
-                    started = True
-                    turn._on_model_event(event)
-                    # The SDK builds its items from the completed response, so deltas, which rtagent
-                    # has already delivered, would only cost it work per token: they stop here.
-                    if not isinstance(event, _DELTAS):
-                        yield event
-                return
-            except Exception as exc:
-                # Nothing reached the user yet, so a transient failure can be retried unseen.
-                waited = time.monotonic() - first_attempt
-                if started or attempt >= MODEL_RETRIES or not _transient(exc) or waited > RETRY_BUDGET_S:
-                    raise
-                await asyncio.sleep(RETRY_BACKOFF_S * 2**attempt)
-            finally:
-                # Closing the inner stream closes its HTTP response, which is what makes a model
-                # server stop generating when the turn is interrupted.
-                aclose = getattr(stream, "aclose", None)
-                if aclose is not None:
-                    await aclose()
-
-    def get_retry_advice(self, request: ModelRetryAdviceRequest) -> ModelRetryAdvice | None:
-        return self._inner.get_retry_advice(request)
-
-    async def close(self) -> None:
-        await self._inner.close()
-
-
-class _ToolHooks(RunHooks[Any]):
-    """Reports tool starts and ends at their true times, and forwards to the caller's own hooks."""
-
-    def __init__(self, turn: Turn, inner: RunHooksBase[Any, Any] | None) -> None:
-        self._turn = turn
-        self._inner = inner or RunHooks()
-
-    async def on_tool_start(self, context: RunContextWrapper[Any], agent: Agent[Any], tool: Tool) -> None:
-        if isinstance(context, ToolContext):
-            self._turn._on_tool_start(context.tool_call_id, tool.name, context.tool_arguments)
-        await self._inner.on_tool_start(context, agent, tool)
-
-    async def on_tool_end(
-        self, context: RunContextWrapper[Any], agent: Agent[Any], tool: Tool, result: object
-    ) -> None:
-        if isinstance(context, ToolContext):
-            self._turn._on_tool_end(context.tool_call_id, tool.name, result)
-        await self._inner.on_tool_end(context, agent, tool, result)
-
-    async def on_llm_start(self, *args: Any, **kwargs: Any) -> None:
-        await self._inner.on_llm_start(*args, **kwargs)
-
-    async def on_llm_end(self, *args: Any, **kwargs: Any) -> None:
-        await self._inner.on_llm_end(*args, **kwargs)
-
-    async def on_agent_start(self, *args: Any, **kwargs: Any) -> None:
-        await self._inner.on_agent_start(*args, **kwargs)
-
-    async def on_agent_end(self, *args: Any, **kwargs: Any) -> None:
-        await self._inner.on_agent_end(*args, **kwargs)
-
-    async def on_handoff(self, *args: Any, **kwargs: Any) -> None:
-        await self._inner.on_handoff(*args, **kwargs)
 
 
 def stream(agent: Agent[Any], input: str | list[TResponseInputItem], **options: Unpack[TurnOptions]) -> Turn:
