@@ -1,0 +1,198 @@
+"""The two transports of ``rtagent serve``: one run's AG-UI events as Server-Sent Events, and a
+WebSocket carrying the same events plus the client's commands. Both consume ``AguiRun.events()``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import uuid
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from ag_ui.core import RunErrorEvent
+from ag_ui.encoder import EventEncoder
+from starlette.types import Message, Receive, Scope, Send
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from ._agui import AguiRun
+from ._limits import InputError, check_text, check_thread_id, client_of, deny, error, log, parse_json
+
+if TYPE_CHECKING:
+    from ._server import _Server
+
+ENCODER = EventEncoder()
+SERVER_ERROR = RunErrorEvent(
+    message="the server failed during this run; its log has details", code="server_error"
+)
+SSE_HEADERS = [
+    (b"content-type", ENCODER.get_content_type().encode()),
+    (b"cache-control", b"no-store"),
+    (b"x-accel-buffering", b"no"),  # nginx would otherwise hold events back in its buffer
+]
+
+
+class EventStream:
+    """The SSE response: one run's events, encoded by the AG-UI ``EventEncoder``.
+
+    Unlike Starlette's ``StreamingResponse`` (and sse-starlette), a client that goes away does not
+    cancel the stream: it interrupts the turn, which then ends the normal way, saving what the user
+    saw. The events after that are drained unsent. A keep-alive comment goes out every ``ping_s``.
+    """
+
+    def __init__(self, run: AguiRun, server: _Server) -> None:
+        self.run = run
+        self.metrics = server.metrics
+        self.ping_s = server.limits.ping_s
+        self._open = True
+        self._pinging: asyncio.Future[None] | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        metrics = self.metrics
+        metrics.connections.inc()
+        watcher = asyncio.create_task(self._watch(receive))
+        self._timer = asyncio.get_running_loop().call_later(self.ping_s, self._ping, send)
+        encode = ENCODER.encode
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+            async for event in self.run.events():
+                if self._open:
+                    body = encode(event).encode()
+                    await send({"type": "http.response.body", "body": body, "more_body": True})
+            self._open = False
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:  # the connection broke under a send
+            self.run.interrupt()
+        except Exception:  # a bug of ours: the client still gets an end it understands
+            log.exception("streaming a run of thread %s failed", self.run.thread_id)
+            if self._open:
+                body = encode(SERVER_ERROR).encode()
+                await send({"type": "http.response.body", "body": body, "more_body": False})
+        finally:
+            self._open = False
+            self._timer.cancel()
+            watcher.cancel()
+            await self.run.aclose()
+            metrics.connections.dec()
+
+    async def _watch(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        if self._open:
+            self._open = False
+            self.run.interrupt()
+
+    def _ping(self, send: Send) -> None:
+        # A timer, not a task per stream: a thousand quiet streams cost a thousand timer entries.
+        if self._open:
+            self._pinging = asyncio.ensure_future(self._send_ping(send))
+            self._timer = asyncio.get_running_loop().call_later(self.ping_s, self._ping, send)
+
+    async def _send_ping(self, send: Send) -> None:
+        with contextlib.suppress(Exception):  # racing the end of the stream is harmless
+            if self._open:
+                await send({"type": "http.response.body", "body": b": ping\n\n", "more_body": True})
+
+
+class Socket:
+    """The WebSocket transport: commands in, the same AG-UI events out, as JSON text frames.
+
+    Runs are pumped one after another, so a message sent while a turn streams (which interrupts it,
+    by the chat's policy) gets its RUN_STARTED only after the earlier run's RUN_FINISHED.
+    """
+
+    def __init__(self, server: _Server, ws: WebSocket) -> None:
+        self.server = server
+        self.ws = ws
+        self.thread_id: str = ws.path_params["thread_id"]
+        self.runs: asyncio.Queue[AguiRun | None] = asyncio.Queue()
+        self.live: list[AguiRun] = []  # queued or streaming
+        self.open = False
+        self.sending = asyncio.Lock()  # error replies and events come from two tasks
+
+    async def serve(self) -> None:
+        ws = self.ws
+        try:
+            check_thread_id(self.thread_id)
+            self._check_origin()
+        except InputError as exc:
+            await deny(ws.scope, ws.receive, ws.send, error(exc.status, exc.code, str(exc)))
+            return
+        await ws.accept()
+        self.open = True
+        self.server.metrics.connections.inc()
+        pump = asyncio.create_task(self._pump())
+        try:
+            while (message := await ws.receive())["type"] != "websocket.disconnect":
+                try:
+                    await self._command(message)
+                except InputError as exc:
+                    await self._send(json.dumps({"type": "error", "error": exc.code, "message": str(exc)}))
+        finally:
+            self._gone()
+            self.runs.put_nowait(None)
+            await asyncio.shield(pump)
+            self.server.metrics.connections.dec()
+
+    async def _command(self, message: Message) -> None:
+        limits = self.server.limits
+        text = message.get("text")
+        if text is None:
+            raise InputError("send commands as JSON text frames", 400, "binary_frame")
+        if len(text) > limits.max_body_bytes:
+            raise InputError(f"the frame is over {limits.max_body_bytes} bytes", 413, "payload_too_large")
+        command = parse_json(text)
+        kind = command.get("type") if isinstance(command, dict) else None
+        if kind == "stop":
+            self.server.interrupt(self.thread_id)
+            return
+        if kind != "send":
+            raise InputError('a command is {"type": "send", "text": "..."} or {"type": "stop"}')
+        if not isinstance(command.get("text"), str):
+            raise InputError('"text" must be a string')
+        run_id = command.get("runId") or uuid.uuid4().hex
+        if not isinstance(run_id, str) or len(run_id) > 128:
+            raise InputError('"runId" must be a string of at most 128 characters')
+        limiter = self.server.limiter
+        wait = limiter.wait(client_of(self.ws.scope)) if limiter is not None else 0.0
+        if wait > 0:
+            raise InputError(f"too many messages; try again in {wait:.1f} s", 429, "rate_limited")
+        new = check_text(command["text"], limits.max_message_chars)
+        run = await self.server.start_run(self.thread_id, run_id, new)
+        self.live.append(run)
+        self.runs.put_nowait(run)
+
+    async def _pump(self) -> None:
+        while (run := await self.runs.get()) is not None:
+            try:
+                async for event in run.events():
+                    if self.open:
+                        await self._send(event.model_dump_json(by_alias=True))
+            except Exception:
+                log.exception("streaming a run of thread %s failed", self.thread_id)
+                if self.open:
+                    await self._send(SERVER_ERROR.model_dump_json(by_alias=True))
+            finally:
+                await run.aclose()
+                self.live.remove(run)
+
+    async def _send(self, text: str) -> None:
+        try:
+            async with self.sending:
+                await self.ws.send_text(text)
+        except (OSError, RuntimeError, WebSocketDisconnect):
+            self._gone()
+
+    def _gone(self) -> None:
+        self.open = False
+        for run in self.live:
+            run.interrupt()
+
+    def _check_origin(self) -> None:
+        # CORS does not cover WebSockets: a browser lets any site open one to any host. Only the
+        # page's own origin and the configured ones may, so no other site can drive a conversation.
+        origin = self.ws.headers.get("origin")
+        if origin is None or origin in self.server.cors_origins:
+            return
+        if urlsplit(origin).netloc != self.ws.headers.get("host"):
+            raise InputError(f"origin {origin} may not open a WebSocket here", 403, "forbidden_origin")
