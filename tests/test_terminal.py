@@ -6,17 +6,22 @@ each message, so every test runs offline in a few seconds.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import subprocess
 import sys
+import termios
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
 import pexpect
 import pytest
+from prompt_toolkit.input import create_input
 
 from rtagent import TextDelta, Thinking, ToolFinished, ToolProgress, ToolStarted, TurnFinished
+from rtagent._keys import LineEditor, reading
 from rtagent._result import TurnMetrics, TurnResult
 from rtagent._terminal import _Screen
 
@@ -124,6 +129,70 @@ def test_ctrl_c_interrupts_a_reply_and_the_prompt_comes_back(chat: pexpect.spawn
     chat.expect_exact("You said: next (message 2)")
 
 
+def test_a_message_sent_during_a_reply_cuts_it_and_is_answered_next(chat: pexpect.spawn[str]) -> None:
+    say(chat, "a long answer please")
+    chat.expect_exact("word5 ")
+    chat.send("and then?\r")  # typed during the reply: nothing shows until Enter
+    chat.expect_exact("[interrupted]")
+    reply = str(chat.before).rpartition("word0 ")[2]
+    assert "word199" not in reply
+    assert "and then" not in reply
+    last = reply.split()[-1]
+    chat.expect_exact("\r\n> and then?\r\n")
+    # The echo is message 2, and the history it was given holds the first reply up to its cut.
+    chat.expect_exact(f"You said: and then? (message 2) My last reply was cut off after '{last}'.")
+    say(chat, "hello")
+    chat.expect_exact("You said: hello (message 3)")
+
+
+def test_messages_sent_one_after_another_each_cut_the_one_before(chat: pexpect.spawn[str]) -> None:
+    say(chat, "a long answer please")
+    chat.expect_exact("word3 ")
+    chat.send("another long one\r")
+    chat.expect_exact("[interrupted]")
+    chat.expect_exact("> another long one")
+    chat.expect_exact("word3 ")
+    chat.send("third\r")
+    chat.expect_exact("[interrupted]")
+    chat.expect_exact("> third")
+    chat.expect_exact("You said: third (message 3) My last reply was cut off after 'word")
+
+
+def test_the_line_typed_during_a_reply_shows_on_the_status_line(chat: pexpect.spawn[str]) -> None:
+    say(chat, "think first")
+    chat.expect(r"thinking\.\.\. 0\.\ds")
+    chat.send("helpp\x7f\x7flo")  # Backspace twice
+    chat.expect(r"thinking\.\.\. \d\.\ds  > hello")
+    chat.expect_exact("Thought about it.")
+    # Not sent without Enter: it waits at the next prompt.
+    chat.expect(PROMPT)
+    chat.expect_exact("hello")
+    chat.send("\r")
+    chat.expect_exact("You said: hello (message 2)\r\n")
+
+
+def test_ctrl_c_during_a_reply_keeps_the_line_being_typed(chat: pexpect.spawn[str]) -> None:
+    say(chat, "a long answer please")
+    chat.expect_exact("word5 ")
+    chat.send("more")
+    chat.sendintr()
+    chat.expect_exact("[interrupted]")
+    assert "more" not in str(chat.before)
+    chat.expect(PROMPT)
+    chat.expect_exact("more")
+    chat.send("\r")
+    chat.expect_exact("You said: more (message 2) My last reply was cut off after 'word")
+
+
+def test_exit_typed_during_a_reply_leaves(chat: pexpect.spawn[str]) -> None:
+    say(chat, "a long answer please")
+    chat.expect_exact("word5 ")
+    chat.send("exit\r")
+    chat.expect_exact("[interrupted]")
+    chat.expect_exact("> exit")
+    leaves_with(chat, 0)
+
+
 def test_ctrl_c_interrupts_a_running_tool(chat: pexpect.spawn[str]) -> None:
     say(chat, "lookup")
     # Announced calls start running a moment later; by 0.3 s this one surely has.
@@ -160,6 +229,18 @@ def test_first_message_waits_for_the_model_to_load() -> None:
     child.expect(r"loading model\.\.\. \d\.\ds", timeout=STARTUP_S)
     child.expect_exact(BANNER, timeout=STARTUP_S)
     child.expect_exact("You said: early bird (message 1)")
+    child.close(force=True)
+
+
+def test_a_message_sent_while_the_model_loads_replaces_the_first() -> None:
+    child = spawn(AGENT)
+    say(child, "early bird")
+    child.expect(r"loading model\.\.\. \d\.\ds", timeout=STARTUP_S)
+    child.send("second thoughts\r")
+    child.expect_exact("[interrupted]")
+    child.expect_exact("> second thoughts")
+    child.expect_exact(BANNER, timeout=STARTUP_S)
+    child.expect_exact("You said: second thoughts (message 1)")
     child.close(force=True)
 
 
@@ -256,3 +337,57 @@ def test_screen_colours_only_the_marks(screen: tuple[_Screen, Tty], monkeypatch:
     view.show(ToolFinished("c1", "lookup", "", "boom", 0.5))
     assert out.getvalue().endswith("\r\x1b[K\x1b[31m✗\x1b[0m lookup: boom\n")
     assert out.getvalue().startswith("\x1b[2musing lookup... 0.0s\x1b[0m")
+
+
+def test_screen_shows_the_typed_line_after_the_status_but_never_mid_text(screen: tuple[_Screen, Tty]) -> None:
+    view, out = screen
+    view.show(Thinking())
+    view.typing("hi")
+    view.show(TextDelta("Once"))
+    view.typing("hi there")
+    view.show(finished())
+    view.typing("hi there, and a line too long for the rest of the status line")
+    view.said("hi there")
+    lines = out.getvalue().split("\r\x1b[K")
+    assert lines[:2] == ["thinking... 0.0s", "thinking... 0.0s  > hi"]
+    assert lines[2] == "Once\n\n> …long for the rest of the status line"
+    assert len(lines[2]) == len("Once\n\n") + 39
+    assert lines[3] == "> hi there\n"
+
+
+# -- keys typed during a reply ------------------------------------------------------------------
+
+
+async def test_keys_are_edited_into_lines_and_the_terminal_mode_is_restored() -> None:
+    master, slave = os.openpty()
+    typed: list[str] = []
+    sent: list[str] = []
+    interrupts: list[None] = []
+    both_sent = asyncio.Event()
+
+    def enter(line: str) -> None:
+        sent.append(line)
+        if len(sent) == 2:
+            both_sent.set()
+
+    editor = LineEditor(on_change=typed.append, on_enter=enter, on_interrupt=lambda: interrupts.append(None))
+    keys = b"one\x7fe\r\x1b[A two  words\x17\x03\x15 \r\x1b[200~pasted\r\nlines\x1b[201~\n"
+
+    async def type_keys_during_a_failing_reply(tty: TextIO) -> None:
+        with reading(create_input(tty), editor):
+            assert not termios.tcgetattr(slave)[3] & (termios.ECHO | termios.ICANON | termios.ISIG)
+            os.write(master, keys)
+            await asyncio.wait_for(both_sent.wait(), 5)
+            raise RuntimeError("the reply failed")
+
+    with os.fdopen(slave, "r", encoding="utf-8") as tty:
+        before = termios.tcgetattr(slave)
+        with pytest.raises(RuntimeError, match="the reply failed"):
+            await type_keys_during_a_failing_reply(tty)
+        assert termios.tcgetattr(slave) == before
+    os.close(master)
+    assert sent == ["one", "pasted lines"]
+    assert interrupts == [None]
+    assert typed[:6] == ["o", "on", "one", "on", "one", ""]
+    assert " two  " in typed  # Ctrl-W took "words", then Ctrl-U the rest
+    assert editor.text == ""

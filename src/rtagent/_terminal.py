@@ -17,7 +17,8 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
@@ -34,12 +35,13 @@ from ._events import (
     TurnFailed,
     TurnFinished,
 )
+from ._keys import LineEditor, reading
 
 if TYPE_CHECKING:
     from agents import Agent
-    from agents.memory import Session
     from agents.models.interface import Model
 
+    from ._chat import Chat
     from ._turn import Turn
 
 _T = TypeVar("_T")
@@ -50,9 +52,18 @@ QUIT_WORDS = frozenset({"exit", "quit"})
 
 @dataclass(frozen=True, slots=True)
 class _Loaded:
-    agent: Agent[Any]
-    session: Session
+    chat: Chat
     banner: str
+
+
+@dataclass(eq=False, slots=True)
+class _Message:
+    """A message to answer; those typed during a reply wait in line to be shown."""
+
+    text: str
+    turn: Turn | None = None  # None until sent: the model is still loading
+    cut: bool = False  # cut before it was sent: by a message after it, or by Ctrl-C
+    shown: bool = False  # already on screen, as the prompt's line
 
 
 @dataclass(slots=True)
@@ -64,10 +75,11 @@ class _Tool:
 
 
 class _Screen:
-    """One reply on the terminal: text as it streams, a live status line, a line per tool result.
+    """Replies on the terminal: text as it streams, a live status line, a line per tool result.
 
     The status line is only ever drawn at the start of a line and always erased before anything
-    else is written, so it never leaves fragments behind.
+    else is written, so it never leaves fragments behind. It also shows the line the user is
+    typing, which is therefore out of sight while a reply's text is mid-line.
     """
 
     def __init__(self, out: TextIO) -> None:
@@ -80,6 +92,11 @@ class _Screen:
         self._status_width = 0
         self._waiting: tuple[str, float] | None = None
         self._tools: dict[str, _Tool] = {}
+        self._typed = ""
+
+    @property
+    def ansi(self) -> bool:
+        return self._ansi
 
     def wait(self, label: str) -> None:
         self._waiting = (label, time.monotonic())
@@ -118,6 +135,16 @@ class _Screen:
             case TurnFinished():
                 self.end()
 
+    def typing(self, text: str) -> None:
+        self._typed = text
+        self.draw()
+
+    def said(self, text: str) -> None:
+        """A message typed during the last reply, as the prompt would have left it."""
+        self.erase()
+        self._end_line()
+        self._write(f"> {text}\n")
+
     def line(self, text: str, mark: str = "") -> None:
         """A line of its own, squeezed onto one terminal row, after a (one-column) ``mark``."""
         self.erase()
@@ -144,13 +171,22 @@ class _Screen:
         self._write("\n")
 
     def draw(self) -> None:
-        status = self._status()
-        if status is None or self._mid_line or not self._live:
+        if self._mid_line or not self._live:
             return
-        status = _fit(status, _width())
+        status, typed = self._status() or "", self._typed
+        if not status and not typed:
+            self.erase()
+            return
+        width = _width()
+        if typed:
+            # The end of the line is where the user types, so a long line loses its start.
+            room = max(width // 2, width - len(status) - 2) if status else width
+            typed = "> " + _fit_end(typed, room - 2)
+        gap = "  " if status and typed else ""
+        status = _fit(status, width - len(typed) - len(gap))
         self.erase()
-        self._write(self._paint("2", status))
-        self._status_width = len(status)
+        self._write((self._paint("2", status) if status else "") + gap + typed)
+        self._status_width = len(status) + len(gap) + len(typed)
 
     async def tick(self) -> None:
         while True:
@@ -199,22 +235,30 @@ def _fit(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def _fit_end(text: str, width: int) -> str:
+    return text if len(text) <= width else "…" + text[len(text) - width + 1 :]
+
+
 class _Chat:
     def __init__(self, reference: str | None, spec: str | None) -> None:
-        self._spec = spec
         self._prompt: PromptSession[str] = PromptSession()
         self._loading = asyncio.create_task(_load(reference, spec))
         self._loading.add_done_callback(self._on_loaded)
         self._banner_shown = False
-        self._turn: Turn | None = None
-        self._stop: asyncio.Future[None] | None = None
         self._printing: Awaitable[None] | None = None
+        # During a reply: the message being answered, the ones typed since, and what is typed now.
+        self._current: _Message | None = None
+        self._waiting: deque[_Message] = deque()
+        self._stop: asyncio.Future[None] | None = None
+        self._draft = ""
+        self._quit: str | None = None
 
     async def run(self) -> int:
-        while True:
+        while self._quit is None:
             self._show_banner(print)
+            draft, self._draft = self._draft, ""
             try:
-                text = (await self._prompt.prompt_async("> ")).strip()
+                text = (await self._prompt.prompt_async("> ", default=draft)).strip()
             except KeyboardInterrupt:
                 continue
             except EOFError:
@@ -226,6 +270,7 @@ class _Chat:
             if (error := self._failure()) is not None:
                 print(f"rtagent: error: {_describe(error)}", file=sys.stderr)
                 return 2
+        return 0
 
     def _on_loaded(self, loading: asyncio.Task[_Loaded]) -> None:
         # While the prompt is up, the banner (or the failure) must not wait for the next Enter.
@@ -234,7 +279,7 @@ class _Chat:
         if app is not None and self._failure() is not None:
             app.exit(result="")
         elif app is self._prompt.app:
-            # The print may land after Enter was pressed: the reply waits for it (``_run_turn``).
+            # The print may land after Enter was pressed: the reply waits for it (``_send``).
             self._printing = run_in_terminal(functools.partial(self._show_banner, print))
 
     def _failure(self) -> BaseException | None:
@@ -248,76 +293,101 @@ class _Chat:
         say(self._loading.result().banner)
 
     async def _reply(self, text: str) -> None:
+        """Answer ``text``, then each message typed and sent while a reply streams: every one cuts
+        the reply before it short (``Chat``'s interrupt policy) and is answered right after it."""
         loop = asyncio.get_running_loop()
         screen = _Screen(sys.stdout)
-        # prompt_toolkit is not reading keys during a reply, so Ctrl-C arrives as a signal.
+        editor = LineEditor(on_change=screen.typing, on_enter=self._on_enter, on_interrupt=self._interrupt)
+        self._waiting.append(_Message(text, shown=True))
+        # Ctrl-C is a key while keys are read; when stdin is not a terminal it is still a signal.
         previous = signal.getsignal(signal.SIGINT)
-        loop.add_signal_handler(signal.SIGINT, self._on_interrupt)
+        loop.add_signal_handler(signal.SIGINT, self._interrupt)
         ticker = asyncio.create_task(screen.tick())
         try:
-            with _no_echo(sys.stdin):
-                await self._run_turn(text, screen)
+            with self._reading_keys(editor, screen):
+                while self._waiting and self._failure() is None:
+                    message = self._current = self._waiting.popleft()
+                    if not message.shown:
+                        screen.said(message.text)
+                    await self._answer(message, screen)
+                if self._quit is not None:
+                    screen.said(self._quit)
         finally:
-            self._turn = self._stop = None
+            for message in self._waiting:  # only left when something went wrong
+                if message.turn is not None:
+                    message.turn.interrupt()
+            self._waiting.clear()
+            self._current = self._stop = None
+            self._draft = editor.text
             ticker.cancel()
+            screen.erase()
             loop.remove_signal_handler(signal.SIGINT)
             signal.signal(signal.SIGINT, previous)
 
-    async def _run_turn(self, text: str, screen: _Screen) -> None:
+    def _reading_keys(self, editor: LineEditor, screen: _Screen) -> contextlib.AbstractContextManager[None]:
+        if not sys.stdin.isatty():  # piped lines are the next messages, not interruptions
+            return contextlib.nullcontext()
+        return reading(self._prompt.input, editor, paste=sys.stdout if screen.ansi else None)
+
+    async def _answer(self, message: _Message, screen: _Screen) -> None:
+        if message.turn is None:
+            await self._send(message, screen)
+        if message.turn is not None:
+            async with message.turn as turn:
+                async for event in turn:
+                    screen.show(event)
+
+    async def _send(self, message: _Message, screen: _Screen) -> None:
+        """Send a message typed before the model was ready: once it has loaded, unless cut first."""
         if self._printing is not None:
             await self._printing
-        if not self._loading.done():
+        if not self._loading.done() and not message.cut:
             self._stop = asyncio.get_running_loop().create_future()
             screen.wait("loading model")
             either: set[asyncio.Future[Any]] = {self._loading, self._stop}
             await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-            if not self._loading.done():
-                screen.interrupted()
-                return
+            self._stop = None
         if self._failure() is not None:
             screen.erase()
+        elif message.cut or not self._loading.done():
+            screen.interrupted()
+        else:
+            self._show_banner(screen.line)
+            message.turn = self._loading.result().chat.send(message.text)
+
+    def _on_enter(self, line: str) -> None:
+        """A message typed during a reply: it cuts the reply short and is answered next."""
+        if self._quit is not None:
             return
-        self._show_banner(screen.line)
-        loaded = self._loading.result()
-        # Only now: before the background import has finished, this would block the event loop.
-        from ._turn import stream
+        if line in QUIT_WORDS:
+            self._quit = line
+            self._interrupt()
+            return
+        current = self._current
+        if current is not None and current.turn is not None:
+            # Sent at once: the chat interrupts the running turn, and starts this one as soon
+            # as that one has ended and saved its history.
+            self._waiting.append(_Message(line, self._loading.result().chat.send(line)))
+        else:  # the model is still loading: this message replaces the one waiting for it
+            self._interrupt()
+            self._waiting.append(_Message(line))
 
-        self._turn = stream(loaded.agent, text, session=loaded.session, model=self._spec)
-        async with self._turn as turn:
-            async for event in turn:
-                screen.show(event)
-
-    def _on_interrupt(self) -> None:
-        if self._turn is not None:
-            self._turn.interrupt()
-        elif self._stop is not None and not self._stop.done():
+    def _interrupt(self) -> None:
+        """Ctrl-C: cut the reply short, and the messages waiting after it, sending nothing new."""
+        for message in (self._current, *self._waiting):
+            if message is not None:
+                message.cut = True
+                if message.turn is not None:
+                    message.turn.interrupt()
+        if self._stop is not None and not self._stop.done():
             self._stop.set_result(None)
-
-
-@contextlib.contextmanager
-def _no_echo(stream: TextIO) -> Iterator[None]:
-    """Keys typed during a reply would be echoed into it (Ctrl-C as "^C"); they still reach the
-    next prompt, which reads whatever is waiting."""
-    if not stream.isatty():
-        yield
-        return
-    import termios
-
-    fd = stream.fileno()
-    saved = termios.tcgetattr(fd)
-    quiet = list(saved)
-    quiet[3] &= ~(termios.ECHO | termios.ECHOCTL)
-    termios.tcsetattr(fd, termios.TCSANOW, quiet)
-    try:
-        yield
-    finally:
-        termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
 async def _load(reference: str | None, spec: str | None) -> _Loaded:
     agent, model = await _in_daemon_thread(functools.partial(_resolve, reference, spec))
     from agents import SQLiteSession
 
+    from ._chat import Chat
     from ._models import ServedModel
 
     if isinstance(model, ServedModel):
@@ -326,7 +396,7 @@ async def _load(reference: str | None, spec: str | None) -> _Loaded:
     else:
         label = agent.model if isinstance(agent.model, str) and agent.model else type(model).__name__
     banner = f"rtagent · {agent.name} · model {label} · exit or Ctrl-D to quit"
-    return _Loaded(agent, SQLiteSession("terminal"), banner)
+    return _Loaded(Chat(agent, session=SQLiteSession("terminal"), model=spec), banner)
 
 
 async def _in_daemon_thread(work: Callable[[], _T]) -> _T:
@@ -345,6 +415,7 @@ async def _in_daemon_thread(work: Callable[[], _T]) -> _T:
 
 def _resolve(reference: str | None, spec: str | None) -> tuple[Agent[Any], Model]:
     """Import the SDK and the user's agent, and pick the model: run in a thread, as it is slow."""
+    from . import _chat  # noqa: F401  (for ``_load``, which would otherwise import it on the loop)
     from ._loading import load_agent
     from ._models import resolve_model
 

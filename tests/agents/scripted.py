@@ -7,7 +7,8 @@ broken    a tool that raises
 long      a long reply streamed slowly (something to interrupt)
 fail      the model fails in the middle of its reply
 think     a reply that takes 0.8 s to start
-otherwise an echo that counts the user's messages, which shows the history is kept
+otherwise an echo that counts the user's messages, which shows the history is kept, and says
+          where the model's last reply was cut off, if it was (what the history kept of it)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from agents import Agent, function_tool
 from agents.models.interface import Model
 
 import rtagent
+from rtagent._history import CUT_MARK
 from rtagent.testing import ScriptedModel, Step, call, fail, reply, tool_calls
 
 
@@ -48,7 +50,7 @@ async def broken() -> str:
 LONG = " ".join(f"word{n}" for n in range(200))
 
 
-def _script(text: str, messages: int) -> list[Step]:
+def _script(text: str, messages: int, last_reply: str) -> list[Step]:
     if "lookup" in text:
         return [
             tool_calls(call("delayed_lookup", {"query": "x"})),
@@ -67,7 +69,11 @@ def _script(text: str, messages: int) -> list[Step]:
         return [reply("Thought about it.", first_delay=0.8)]
     if "fail" in text:
         return [fail(RuntimeError("the model fell over"), after=reply("Partial answer", delay=0.02))]
-    return [reply(f"You said: {text} (message {messages})", delay=0.02)]
+    echo = f"You said: {text} (message {messages})"
+    if last_reply.endswith(CUT_MARK):
+        words = last_reply.removesuffix(CUT_MARK).split()
+        echo += f" My last reply was cut off after {words[-1]!r}." if words else " My last reply was cut off."
+    return [reply(echo, delay=0.02)]
 
 
 def _text(item: dict[str, Any]) -> str:
@@ -89,7 +95,9 @@ class ByKeyword(Model):
         users = [item for item in items if isinstance(item, dict) and item.get("role") == "user"]
         if len(users) != self._users:
             self._users = len(users)
-            self._script = ScriptedModel(_script(_text(users[-1]), len(users)))
+            replies = [_text(i) for i in items if isinstance(i, dict) and i.get("role") == "assistant"]
+            steps = _script(_text(users[-1]), len(users), replies[-1] if replies else "")
+            self._script = ScriptedModel(steps)
         return self._script
 
     async def get_response(self, system_instructions: Any, input: Any, *args: Any, **kwargs: Any) -> Any:
