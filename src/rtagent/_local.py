@@ -20,6 +20,7 @@ import os
 import secrets
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -129,18 +130,26 @@ class LocalServer:
             server.handle_metrics()
             self._address = server.listening_address
             self._server = server
+            _running.add(self)
 
     async def aclose(self) -> None:
         if self._server is not None:
             await asyncio.to_thread(self.close)
 
     def close(self) -> None:
-        """Stop serving and free the model; streams still open are cut off."""
+        """Stop serving and free the model; streams still open are cut off.
+
+        Close this process's own streams first: the C++ destructor holds the GIL while it waits
+        for the server's HTTP threads, and a thread streaming to a Python client waits until that
+        client (which needs the GIL) hangs up or the next SSE ping, so close() then stalls the
+        whole process for a second or two.
+        """
         with self._lock:
             # xllamacpp has no stop method: dropping the last reference runs the C++ destructor,
             # which ends the task loop, joins the HTTP threads and frees the model and KV cache.
             self._server = None
             self._address = None
+            _running.discard(self)
 
     def _params(self, xllamacpp: Any) -> Any:
         params = xllamacpp.CommonParams()
@@ -161,6 +170,9 @@ class LocalServer:
         params.endpoint_metrics = True
         params.endpoint_slots = True
         params.ui = False
+        # A silent stream gets an SSE comment (":") every this many seconds; openai's client
+        # skips them. The default 30 s is also how long close() stalls on an open stream.
+        params.sse_ping_interval = 1
         # Fitting probes device memory for GPU offload; on CPU it only adds 0.15 s to the load.
         params.fit_params = False
         # llama.cpp logs every load step and request to stderr, which would scribble over a
@@ -242,10 +254,11 @@ class DecodeWatch:
 
 
 _shared: dict[Path, LocalServer] = {}
+_running: weakref.WeakSet[LocalServer] = weakref.WeakSet()
 
 
 def shared_server(model_path: Path) -> LocalServer:
-    """The process's one server for this file, not yet started; closed when the process exits."""
+    """The process's one server for this file, started by its first user."""
     key = model_path.resolve()
     server = _shared.get(key)
     if server is None:
@@ -254,8 +267,8 @@ def shared_server(model_path: Path) -> LocalServer:
 
 
 @atexit.register
-def _close_shared() -> None:
-    # Closing before the interpreter tears down stops llama.cpp's threads while Python is intact,
-    # instead of leaving the destructor to whichever module-teardown order happens.
-    for server in list(_shared.values()):
+def _close_running() -> None:
+    # A server left running into the interpreter's final teardown stops its threads while Python
+    # objects are freed under them (a segfault in testing): stop every one while Python is whole.
+    for server in list(_running):
         server.close()

@@ -53,22 +53,26 @@ LOCAL_SETTINGS = ModelSettings(
 # default minute-long timeouts and retries.
 _TIMEOUT = Timeout(120.0, connect=3.0)
 
-_ClientKey: TypeAlias = tuple[str | None, str | None]
+_ClientKey: TypeAlias = tuple[str | None, str | None, frozenset[tuple[str, str]]]
 _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[_ClientKey, AsyncOpenAI]]
 _clients = weakref.WeakKeyDictionary()
 
 
-def pooled_client(base_url: str | None, api_key: str | None) -> AsyncOpenAI:
+def pooled_client(
+    base_url: str | None, api_key: str | None, headers: dict[str, str] | None = None
+) -> AsyncOpenAI:
     """One client (one connection pool) per server and key, per event loop.
 
     Connections belong to the loop that opened them, so ``run_sync`` (a new loop per call) gets its
     own pool instead of reusing sockets from a closed loop.
     """
     per_loop = _clients.setdefault(asyncio.get_running_loop(), {})
-    key = (base_url, api_key)
+    key = (base_url, api_key, frozenset((headers or {}).items()))
     client = per_loop.get(key)
     if client is None:
-        client = AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=_TIMEOUT, max_retries=0)
+        client = AsyncOpenAI(
+            base_url=base_url, api_key=api_key, default_headers=headers, timeout=_TIMEOUT, max_retries=0
+        )
         per_loop[key] = client
     return client
 
@@ -104,11 +108,13 @@ class ServedModel(Model):
             await self._server.start()
 
     async def _target(self) -> Model:
-        base_url, api_key = self._base_url, self._api_key
+        base_url, api_key, headers = self._base_url, self._api_key, None
         if self._server is not None:
+            from ._local import CLIENT_HEADERS
+
             await self._server.start()
-            base_url, api_key = self._server.base_url, self._server.api_key
-        client = pooled_client(base_url, api_key)
+            base_url, api_key, headers = self._server.base_url, self._server.api_key, CLIENT_HEADERS
+        client = pooled_client(base_url, api_key, headers)
         if self._name is None:
             models = [model.id async for model in client.models.list()]
             if not models:
