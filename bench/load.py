@@ -1,0 +1,543 @@
+"""How many concurrent SSE sessions one rtagent server process streams on time, against the SDK's own pattern.
+
+Two servers run side by side, each a separate uvicorn process (one worker, loopback, a free port),
+both streaming from the same model (``bench/load_servers.py``): a session's reply is K text deltas
+``--interval`` seconds apart (50 ms: 20 tokens/s), each event built as it is sent, like a real
+model client (``--model scripted``: the project's test double ``rtagent.testing.ScriptedModel``).
+
+- ``rtagent``: ``rtagent.create_app`` (``POST /agui``, a ``RunAgentInput``, AG-UI events as SSE),
+  as shipped (history in an SQLite file), per-client rate limit off (``Limits(rate_per_s=0)``),
+  turn cap far above N;
+- ``baseline``: the SDK documentation's streaming loop behind the usual tutorial endpoint:
+  Starlette ``StreamingResponse`` (the class FastAPI uses) + ``Runner.run_streamed`` +
+  ``stream_events()`` filtered on ``raw_response_event`` / ``ResponseTextDeltaEvent``, one
+  ``data:`` line per delta; like the documentation's example it keeps no history.
+
+Load: ``--clients`` separate processes (``bench/load_client.py``, raw asyncio protocols on uvloop),
+each session on its own connection with a unique thread id, one reply per session. For one N the
+sessions start evenly over ``max(--min-spread, N / --rate)`` seconds (500 a second by default, so
+their tokens do not all fall on the same instant), and each reply is long enough that after the last
+start every session still streams for ``--plateau`` seconds. A client records when each text event
+arrives (TEXT_MESSAGE_CONTENT for rtagent, a ``data: {"delta"...}`` line for the baseline); the
+**added gap** is the time between consecutive text events of a session minus ``--interval``
+(what the model itself waits). The pass criterion uses the gaps that end in the **plateau**
+(from ``--settle`` s after the last start to the earliest possible end: N sessions streaming at
+once); ``added_gap_all_ms`` has every gap, ramp-up included. Time to first token is from the
+connection attempt to the first text event; errors are refused or broken connections, timeouts, a
+RUN_ERROR, or a reply with fewer deltas than asked.
+
+N ramps through ``--ns``; at each N each server runs ``--repeats`` times (interleaved, alternating
+which goes first) and the run with the lowest plateau p99 counts (the machine's other load only
+ever adds latency; every run's p99 is listed in ``p99_of_each_run``). A server's ramp stops at the
+first N whose plateau p99 is over ``--max-p99-ms`` (50) or that has any error, then ``--refine``
+bisection steps narrow its limit. For every N: added gap p50/p99/p99.9/max (plateau, and all),
+errors, time to first token, the server's CPU (share of a core, system share, CPU per session and
+per delta: the figure the machine's other load moves least), its garbage collector's time by
+generation (from ``GET /load/gc``, answered by a wrapper in ``load_servers.py``), its RSS, and
+the clients' own event-loop lag (a 5 ms sleep timed in a loop: a client too busy to read its
+sockets would pass its lateness for the server's; its p99 should stay small next to 50 ms). The
+result per server is ``max_n_p99_under_50ms`` and ``ratio_rtagent_over_baseline``. The machine is
+shared (2 cores): hence both servers in one run, interleaved, and a ratio; ``load_avg_1m`` is noted.
+
+Candidate fixes, off by default (the default measures rtagent as shipped): ``--gc-freeze rtagent``
+(``gc.freeze()`` after start-up), ``--gc-threshold A,B,C`` (``gc.set_threshold``),
+``--sqlite-sync normal`` (``PRAGMA synchronous=NORMAL`` on rtagent's database), ``--rtagent-db
+memory``.
+
+File descriptors: the soft ``RLIMIT_NOFILE`` is raised to the hard limit in this process and in
+the clients (check ``ulimit -Hn``: each session holds a descriptor in a client and in a server).
+
+Run: ``.venv/bin/python bench/load.py`` (about 5-8 minutes; ``--quick`` for a smoke run of about
+30 s; ``--help`` for the options). Prints JSON to stdout, one line per step to stderr. Profiling:
+``--profile-server rtagent --py-spy PATH/TO/py-spy`` samples that server with py-spy during each of
+its measured steps (raw collapsed stacks in ``--profile-out``-rtagent-N.txt; py-spy installs from
+PyPI into any scratch venv); without ``--py-spy`` that server runs under cProfile and writes
+``--profile-out`` when it stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import math
+import os
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_NS = (100, 250, 500, 750, 1000, 1250, 1500, 2000, 2500, 3000, 4000)
+QUICK_NS = (20, 50, 100)
+SERVERS = ("rtagent", "baseline")
+# What each server's stream looks like to a client: the path, the text-event marker, the end marker.
+WIRE = {
+    "rtagent": ("/agui", '"type":"TEXT_MESSAGE_CONTENT"', '"type":"RUN_FINISHED"'),
+    "baseline": ("/chat", 'data: {"delta"', "data: [DONE]"),
+}
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _raise_fd_limit() -> dict[str, int]:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    before = soft
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    return {"soft_before": before, "soft": soft, "hard": hard}
+
+
+def _percentile(ordered: list[float], q: float) -> float | None:
+    if not ordered:
+        return None
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _cpu_seconds(pid: int) -> tuple[float, float]:
+    """The process's user and system CPU seconds so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS  # utime, stime
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
+
+
+@dataclass
+class Server:
+    name: str
+    process: subprocess.Popen[bytes]
+    port: int
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    good: int = 0  # the largest N that passed, below the first that failed
+    bad: int | None = None  # the smallest N that failed
+
+
+def _start_server(name: str, args: argparse.Namespace, db: str, profile: bool) -> Server:
+    port = _free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if profile and args.py_spy is None:
+        env["LOAD_PROFILE"] = str(args.profile_out)
+    if args.gc_freeze in (name, "both"):
+        env["LOAD_GC_FREEZE"] = "1"
+    if args.gc_threshold and name == "rtagent":
+        env["LOAD_GC_THRESHOLD"] = args.gc_threshold
+    if args.model == "scripted":
+        env["LOAD_MODEL"] = "scripted"
+    if args.sqlite_sync != "default":
+        env["LOAD_SQLITE_SYNC"] = args.sqlite_sync.upper()
+    command = [sys.executable, str(HERE / "load_servers.py"), name, str(port), str(args.interval), db]
+    process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL)
+    return Server(name, process, port)
+
+
+def _get_json(server: Server, path: str) -> Any:
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        connection.request("GET", path)
+        return json.loads(connection.getresponse().read())
+    finally:
+        connection.close()
+
+
+def _gc_delta(before: dict[str, Any], after: dict[str, Any], wall: float) -> dict[str, Any]:
+    """What the server's garbage collector did during a step (from ``GET /load/gc``)."""
+    out: dict[str, Any] = {}
+    for gen, total in after["generations"].items():
+        earlier = before["generations"][gen]
+        out[f"gen{gen}"] = {
+            "count": total["count"] - earlier["count"],
+            "wall_ms": round(total["wall_ms"] - earlier["wall_ms"], 1),
+            "cpu_ms": round(total["cpu_ms"] - earlier["cpu_ms"], 1),
+        }
+    out["gen2"]["longest_so_far_ms"] = round(after["generations"]["2"]["max_ms"], 1)
+    spent = sum(total["wall_ms"] for total in out.values())
+    out["share_of_wall"] = round(spent / 1e3 / wall, 3) if wall > 0 else None
+    out["tracked_objects_after"] = after["tracked_objects"]
+    out["frozen_objects"] = after["frozen_objects"]
+    return out
+
+
+def _wait_ready(server: Server, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"the {server.name} server exited with {server.process.returncode}")
+        with contextlib.suppress(OSError):
+            connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=2)
+            connection.request("GET", "/healthz")
+            if connection.getresponse().status == 200:
+                connection.close()
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"the {server.name} server did not start within {timeout_s} s")
+
+
+class Clients:
+    """The load-generator processes; one command per step, answered by each with its measurements."""
+
+    def __init__(self, count: int) -> None:
+        self.processes = [
+            subprocess.Popen(
+                [sys.executable, str(HERE / "load_client.py")],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+            )
+            for _ in range(count)
+        ]
+        for process in self.processes:
+            line = self._pipe(process.stdout).readline()
+            if not line:
+                raise RuntimeError("a load client failed to start")
+
+    @staticmethod
+    def _pipe(pipe: IO[bytes] | None) -> IO[bytes]:
+        assert pipe is not None
+        return pipe
+
+    def run(self, commands: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for process, command in zip(self.processes, commands, strict=True):
+            stdin = self._pipe(process.stdin)
+            stdin.write(json.dumps(command).encode() + b"\n")
+            stdin.flush()
+        answers = []
+        for process in self.processes:
+            line = self._pipe(process.stdout).readline()
+            if not line:
+                raise RuntimeError("a load client died")
+            answers.append(json.loads(line))
+        return answers
+
+    def close(self) -> None:
+        for process in self.processes:
+            with contextlib.suppress(OSError):
+                self._pipe(process.stdin).close()
+        _stop(self.processes)
+
+
+def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _stats(values: list[float]) -> dict[str, float | None]:
+    ordered = sorted(values)
+
+    def ms(q: float) -> float | None:
+        value = _percentile(ordered, q)
+        return None if value is None else round(value, 2)
+
+    return {"p50": ms(0.50), "p99": ms(0.99), "p999": ms(0.999), "max": ms(1.0)}
+
+
+def _step(server: Server, clients: Clients, n: int, args: argparse.Namespace, label: str) -> dict[str, Any]:
+    path, marker, end = WIRE[server.name]
+    spread = max(args.min_spread, n / args.rate)
+    tokens = math.ceil((spread + args.plateau) / args.interval)
+    k = len(clients.processes)
+    sessions: list[list[list[Any]]] = [[] for _ in range(k)]
+    for j in range(n):
+        sessions[j % k].append([f"{label}-{server.name}-{n}-{j}", spread * j / n])
+    start_at = time.monotonic() + 0.3
+    # The plateau: after the last session has started (and settled), before the first can end.
+    window = [start_at + spread + args.settle, start_at + (tokens - 1) * args.interval]
+    timeout_s = spread + tokens * args.interval * 3 + 15
+    commands = [
+        {
+            "host": "127.0.0.1",
+            "port": server.port,
+            "path": path,
+            "marker": marker,
+            "end": end,
+            "sessions": share,
+            "start_at": start_at,
+            "tokens": tokens,
+            "timeout_s": timeout_s,
+            "window": window,
+        }
+        for share in sessions
+    ]
+    pid = server.process.pid
+    sampler = None
+    if args.py_spy is not None and args.profile_server == server.name and label != "warmup":
+        sampled = f"{args.profile_out}-{server.name}-{n}.txt"
+        seconds = str(math.ceil(spread + tokens * args.interval + 1))
+        record = ["record", "-p", str(pid), "-d", seconds, "-r", "200", "-f", "raw", "-o", sampled]
+        sampler = subprocess.Popen(
+            [args.py_spy, *record, "--nonblocking"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    gc_before = _get_json(server, "/load/gc")
+    cpu_before = _cpu_seconds(pid)
+    wall_before = time.monotonic()
+    answers = clients.run(commands)
+    if sampler is not None:  # it stops by itself when its duration is over, and then writes
+        try:
+            sampler.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            _stop([sampler])
+    wall = time.monotonic() - max(wall_before, start_at)
+    user_after, system_after = _cpu_seconds(pid)
+    server_user, server_system = user_after - cpu_before[0], system_after - cpu_before[1]
+    server_cpu = server_user + server_system
+    gc_after = _get_json(server, "/load/gc")
+    interval_ms = args.interval * 1e3
+    added = [gap - interval_ms for answer in answers for gap in answer["gaps_ms"]]
+    added_all = [gap - interval_ms for answer in answers for gap in answer["gaps_all_ms"]]
+    errors: Counter[str] = Counter()
+    for answer in answers:
+        errors.update(answer["errors"])
+    plateau = _stats(added)
+    ttft = _stats([t for answer in answers for t in answer["ttft_ms"]])
+    lag = _stats([lag for answer in answers for lag in answer["lag_ms"]])
+    p99 = plateau["p99"]
+    result: dict[str, Any] = {
+        "n": n,
+        "tokens_per_reply": tokens,
+        "start_spread_s": round(spread, 2),
+        "ok_sessions": sum(answer["ok"] for answer in answers),
+        "errors": sum(errors.values()),
+        "error_kinds": dict(errors),
+        "added_gap_ms": plateau,
+        "plateau_gaps": len(added),
+        "added_gap_all_ms": _stats(added_all),
+        "ttft_ms": {"p50": ttft["p50"], "p99": ttft["p99"], "max": ttft["max"]},
+        "server_cpu_util": round(server_cpu / wall, 3) if wall > 0 else None,
+        "server_cpu_system_share": round(server_system / server_cpu, 3) if server_cpu > 0 else None,
+        # CPU time the server spent per session and per text delta: a figure the machine's other
+        # load changes far less than it changes latency (capacity is about 1 / this).
+        "server_cpu_ms_per_session": round(server_cpu / n * 1e3, 3),
+        "server_cpu_us_per_token": round(server_cpu / (n * tokens) * 1e6, 1),
+        "server_rss_mib": _rss_mib(pid),
+        "server_gc": _gc_delta(gc_before, gc_after, wall),
+        "client_lag_ms": {"p50": lag["p50"], "p99": lag["p99"], "max": lag["max"]},
+        "client_cpu_util": [round(answer["cpu_s"] / wall, 3) for answer in answers] if wall > 0 else None,
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "wall_s": round(wall, 2),
+    }
+    result["pass"] = not errors and p99 is not None and p99 < args.max_p99_ms
+    return result
+
+
+def _record(server: Server, result: dict[str, Any]) -> None:
+    server.steps.append(result)
+    n = result["n"]
+    if result["pass"]:
+        server.good = max(server.good, n) if server.bad is None or n < server.bad else server.good
+    elif server.bad is None or n < server.bad:
+        server.bad = n
+    gap, every, ttft = result["added_gap_ms"], result["added_gap_all_ms"], result["ttft_ms"]
+    print(
+        f"{server.name:8} N={n:5}  plateau p50 {gap['p50']} p99 {gap['p99']} max {gap['max']} ms | "
+        f"all p99 {every['p99']} | ttft p50 {ttft['p50']} p99 {ttft['p99']} | errors {result['errors']} | "
+        f"cpu {result['server_cpu_util']} ({result['server_cpu_us_per_token']} us/token) | "
+        f"gc {result['server_gc']['share_of_wall']} | lag p99 {result['client_lag_ms']['p99']} | "
+        f"load {result['load_avg_1m']} | "
+        f"{'pass' if result['pass'] else 'FAIL'}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _measure(
+    targets: dict[str, int], servers: list[Server], clients: Clients, args: argparse.Namespace, label: str
+) -> None:
+    """Run each server in ``targets`` at its N ``--repeats`` times, interleaved, and record the best.
+
+    The machine's other load only ever adds latency, so of several runs the one with the lowest
+    plateau p99 is the closest to what the server itself does; every run's p99 is kept.
+    """
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
+    for repeat in range(args.repeats):
+        for server in servers if repeat % 2 == 0 else servers[::-1]:
+            if server.name in targets:
+                runs[server.name].append(
+                    _step(server, clients, targets[server.name], args, f"{label}r{repeat}")
+                )
+                time.sleep(args.pause)
+    for server in servers:
+        if server.name in targets:
+            results = runs[server.name]
+            best = min(results, key=_badness)
+            best["p99_of_each_run"] = [run["added_gap_ms"]["p99"] for run in results]
+            best["errors_of_each_run"] = [run["errors"] for run in results]
+            _record(server, best)
+
+
+def _badness(result: dict[str, Any]) -> tuple[int, float]:
+    p99 = result["added_gap_ms"]["p99"]
+    return result["errors"], float("inf") if p99 is None else p99
+
+
+def _bisect(server: Server, granularity: int) -> int | None:
+    if server.bad is None or server.bad - server.good <= granularity:
+        return None
+    middle = (server.good + server.bad) // 2
+    return max(granularity, round(middle / granularity) * granularity)
+
+
+def _run(args: argparse.Namespace, fd_limit: dict[str, int]) -> dict[str, Any]:
+    load_before = os.getloadavg()
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="rtagent-load-") as tmp:
+        servers: list[Server] = []
+        clients: Clients | None = None
+        try:
+            for name in args.servers:
+                profile = args.profile_server == name
+                db = ":memory:" if args.rtagent_db == "memory" else str(Path(tmp) / f"{name}.db")
+                servers.append(_start_server(name, args, db, profile))
+            for server in servers:
+                _wait_ready(server)
+            clients = Clients(args.clients)
+            for server in servers:  # warm up imports, validators and connections; not recorded
+                warm = _step(server, clients, min(50, args.ns[0]), args, "warmup")
+                if warm["errors"]:
+                    raise RuntimeError(f"warming up {server.name} failed: {warm['error_kinds']}")
+            for index, n in enumerate(args.ns):
+                live = [s for s in servers if s.bad is None]
+                if not live:
+                    break
+                _measure({server.name: n for server in live}, servers, clients, args, f"ramp{index}")
+            for index in range(args.refine):
+                targets = {s.name: n for s in servers if (n := _bisect(s, args.granularity)) is not None}
+                _measure(targets, servers, clients, args, f"refine{index}")
+        finally:
+            if clients is not None:
+                clients.close()
+            _stop([server.process for server in servers])
+    limits = {server.name: server.good for server in servers}
+    report: dict[str, Any] = {
+        "method": {
+            "interval_ms": args.interval * 1e3,
+            "arrival_rate_per_s": args.rate,
+            "min_start_spread_s": args.min_spread,
+            "plateau_s": args.plateau,
+            "rtagent_db": args.rtagent_db,
+            "rtagent_sqlite_synchronous": args.sqlite_sync,
+            "client_processes": args.clients,
+            "repeats_per_step": args.repeats,
+            "model": args.model,
+            "gc_freeze": args.gc_freeze,
+            "rtagent_gc_threshold": args.gc_threshold,
+            "max_p99_ms": args.max_p99_ms,
+            "cpus": os.cpu_count(),
+            "fd_limit": fd_limit,
+            "load_avg_before": [round(x, 2) for x in load_before],
+            "load_avg_after": [round(x, 2) for x in os.getloadavg()],
+            "duration_s": round(time.monotonic() - started, 1),
+        },
+        "servers": {
+            server.name: {
+                "steps": sorted(server.steps, key=lambda step: step["n"]),
+                "first_failing_n": server.bad,
+                "max_n_p99_under_50ms": server.good,
+            }
+            for server in servers
+        },
+        "max_n_p99_under_50ms": limits,
+    }
+    if limits.get("baseline"):
+        report["ratio_rtagent_over_baseline"] = round(limits.get("rtagent", 0) / limits["baseline"], 2)
+    if any(server.bad is None for server in servers):
+        report["note"] = "a server passed every N tried: its limit is above the largest N (raise --ns)"
+    report["targets"] = {"rtagent_min_sessions": 1000, "ratio_min": 2.0}
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run: small N, short replies")
+    parser.add_argument("--ns", type=lambda text: tuple(int(x) for x in text.split(",")), default=None)
+    parser.add_argument("--servers", type=lambda text: tuple(text.split(",")), default=SERVERS)
+    parser.add_argument("--interval", type=float, default=0.05, help="seconds between text deltas")
+    parser.add_argument("--rate", type=float, default=None, help="sessions started per second (500)")
+    parser.add_argument(
+        "--min-spread", type=float, default=1.0, help="seconds over which sessions start, at least"
+    )
+    parser.add_argument(
+        "--plateau", type=float, default=None, help="seconds every session streams at once (6)"
+    )
+    parser.add_argument(
+        "--settle", type=float, default=0.5, help="seconds after the last start before measuring"
+    )
+    parser.add_argument("--clients", type=int, default=2, help="load-generator processes")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="runs per N and server; the best counts (2)"
+    )
+    parser.add_argument("--max-p99-ms", type=float, default=50.0)
+    parser.add_argument("--refine", type=int, default=None, help="bisection steps after the ramp")
+    parser.add_argument("--granularity", type=int, default=50, help="bisection stops at this N step")
+    parser.add_argument("--pause", type=float, default=0.5, help="seconds of rest after each step")
+    parser.add_argument(
+        "--gc-freeze",
+        choices=("none", "rtagent", "both"),
+        default="none",
+        help="gc.freeze() in these servers after start-up (a candidate fix; default: as shipped)",
+    )
+    parser.add_argument(
+        "--gc-threshold",
+        default=None,
+        help="A,B,C: gc.set_threshold(A, B, C) in the rtagent server (a candidate fix; default: Python's)",
+    )
+    parser.add_argument(
+        "--model",
+        choices=("lazy", "scripted"),
+        default="lazy",
+        help="lazy: events built as sent (default); scripted: rtagent.testing.ScriptedModel",
+    )
+    parser.add_argument(
+        "--rtagent-db", choices=("file", "memory"), default="file", help="rtagent's SQLite history"
+    )
+    parser.add_argument(
+        "--sqlite-sync",
+        choices=("default", "normal"),
+        default="default",
+        help="PRAGMA synchronous for rtagent's database (normal: a candidate fix; default: as shipped)",
+    )
+    parser.add_argument("--profile-server", choices=SERVERS, default=None)
+    parser.add_argument("--profile-out", type=Path, default=Path("load.prof"))
+    parser.add_argument("--py-spy", default=None, help="the py-spy executable, to sample instead of cProfile")
+    args = parser.parse_args()
+    args.ns = args.ns or (QUICK_NS if args.quick else DEFAULT_NS)
+    args.rate = args.rate or (200.0 if args.quick else 500.0)
+    args.plateau = args.plateau or (1.5 if args.quick else 6.0)
+    args.repeats = args.repeats or (1 if args.quick else 2)
+    args.refine = args.refine if args.refine is not None else (0 if args.quick else 2)
+    if args.quick:
+        args.pause = min(args.pause, 0.3)
+    unknown = set(args.servers) - set(SERVERS)
+    if unknown:
+        parser.error(f"unknown servers: {sorted(unknown)}")
+    fd_limit = _raise_fd_limit()
+    print(json.dumps(_run(args, fd_limit), indent=2))
+
+
+if __name__ == "__main__":
+    main()
