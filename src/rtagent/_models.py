@@ -203,6 +203,7 @@ def _parse(spec: str) -> Model:
     kind, _, rest = spec.partition(":")
     if spec == "local" or kind == "local":
         # Imported here: xllamacpp loads a 100 MB native library that only local models need.
+        from ._adapter import AdaptedModel  # teaches tools to templates without them (SmolLM2)
         from ._local import default_model_path, shared_server
 
         path = Path(rest).expanduser() if rest else default_model_path()
@@ -210,7 +211,7 @@ def _parse(spec: str) -> Model:
             raise ModelError(f"no GGUF model file at {path}")
         if path.suffix.lower() != ".gguf":
             raise ModelError(f"{path} is not a .gguf file")
-        return ServedModel(
+        return AdaptedModel(
             f"local ({path.stem})", path.stem, settings=LOCAL_SETTINGS, server=shared_server(path)
         )
     if kind == "openai":

@@ -1,0 +1,331 @@
+"""Tool calls for embedded models whose chat template has no tool support (SmolLM2 first).
+
+``AdaptedModel`` is the local ``ServedModel`` plus a tool format of its own (``_toolprompt``),
+invisible to the agent's author: the same tools, the same SDK run, the same events. Per reply:
+
+1. One streamed request with the grammar ``call | text`` and the first token's raw probabilities.
+   If the first token is text and P(reply starts with ``{``) is under the threshold, that same
+   stream is the reply: text deltas go out token by token, no second request, no added delay.
+2. Otherwise that stream is dropped before anything was shown, and the reply is asked for again
+   (the prompt is cached, so this costs about one token) with only the branch decided on. A call
+   is always asked for without the repetition penalty: llama.cpp counts prompt tokens in it, and
+   it pushed arguments away from the user's own words (order ids came out as random letters).
+3. A call is read until its arguments close (not waiting for the model's last two tokens) and
+   checked: a call whose argument is a copy of the worked example's, not something the user
+   said, is how this model answers what no tool does ("what are your opening hours?" ->
+   ``get_order_status("X-7731")``) or picks the wrong tool; the other tools are tried, then text.
+   A call that stands goes out as ``output_item.added``, its argument deltas, ``output_item.done``
+   and ``response.completed`` at once: rtagent announces a call when its arguments are complete
+   anyway, and the SDK runs it at ``response.completed``.
+
+One call per reply: the 135M model picks one tool reliably at best, and teaching arrays of calls
+would lengthen the cached prefix, which is what plain replies pay for in time to first token.
+After a tool result the reply is text only, so a call can never loop. Text stops at the cap
+(``max_tokens``) and as soon as it repeats itself (``LoopGuard``).
+
+Requests without tools go straight to ``ServedModel``, and so do models whose template has
+native tool support (llama.cpp parses their calls itself).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import httpx
+from agents.agent_output import AgentOutputSchemaBase
+from agents.exceptions import ModelBehaviorError
+from agents.handoffs import Handoff
+from agents.items import ModelResponse, TResponseInputItem, TResponseStreamEvent
+from agents.model_settings import ModelSettings
+from agents.models.interface import ModelTracing
+from agents.tool import Tool
+from agents.usage import Usage
+from openai import AsyncOpenAI, Omit, omit
+from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
+from openai.types.responses import ResponseCompletedEvent
+from openai.types.responses.response_prompt_param import ResponsePromptParam
+
+from ._local import CLIENT_HEADERS
+from ._models import ServedModel, pooled_client
+from ._replyevents import ReplyEvents
+from ._replystream import Chunks, call_events, content, first_content, read_call, relay_text
+from ._toolprompt import (
+    CALL_START,
+    ToolSpec,
+    copies_example,
+    ends_with_tool_result,
+    grammar,
+    history,
+    prefix,
+    tool_specs,
+)
+
+# Decide "call" when the first token's raw probability of starting one reaches this.
+CALL_THRESHOLD = 0.5
+# Alternatives reported for the first token; each 10 cost about 1 ms on a 2-core machine.
+TOP_LOGPROBS = 10
+# The cap when the settings name none: a 135M model rambles without one.
+DEFAULT_MAX_TOKENS = 384
+
+
+@dataclass(frozen=True, slots=True)
+class Template:
+    """What the served model's chat template can do, read once from the server."""
+
+    native_tools: bool
+    end_token: int
+
+
+class AdaptedModel(ServedModel):
+    """A local model that is taught tool calls when its chat template cannot make them."""
+
+    _template: Template | None = None
+
+    def stream_response(
+        self,
+        system_instructions: str | None,
+        input: str | list[TResponseInputItem],
+        model_settings: ModelSettings,
+        tools: list[Tool],
+        output_schema: AgentOutputSchemaBase | None,
+        handoffs: list[Handoff],
+        tracing: ModelTracing,
+        *,
+        previous_response_id: str | None,
+        conversation_id: str | None,
+        prompt: ResponsePromptParam | None,
+    ) -> AsyncIterator[TResponseStreamEvent]:
+        def plain() -> AsyncIterator[TResponseStreamEvent]:
+            return super(AdaptedModel, self).stream_response(
+                system_instructions,
+                input,
+                model_settings,
+                tools,
+                output_schema,
+                handoffs,
+                tracing,
+                previous_response_id=previous_response_id,
+                conversation_id=conversation_id,
+                prompt=prompt,
+            )
+
+        specs = _adaptable(tools, handoffs, output_schema)
+        if not specs:
+            return plain()  # no tools: not even a wrapper around the plain stream
+        settings = self._settings.resolve(model_settings)
+        return self._adapted(plain, system_instructions, input, settings, specs)
+
+    async def get_response(
+        self,
+        system_instructions: str | None,
+        input: str | list[TResponseInputItem],
+        model_settings: ModelSettings,
+        tools: list[Tool],
+        output_schema: AgentOutputSchemaBase | None,
+        handoffs: list[Handoff],
+        tracing: ModelTracing,
+        *,
+        previous_response_id: str | None,
+        conversation_id: str | None,
+        prompt: ResponsePromptParam | None,
+    ) -> ModelResponse:
+        """The streamed reply, collected: the decision needs the first token's probabilities."""
+        if not _adaptable(tools, handoffs, output_schema):
+            return await super().get_response(
+                system_instructions,
+                input,
+                model_settings,
+                tools,
+                output_schema,
+                handoffs,
+                tracing,
+                previous_response_id=previous_response_id,
+                conversation_id=conversation_id,
+                prompt=prompt,
+            )
+        stream = self.stream_response(
+            system_instructions,
+            input,
+            model_settings,
+            tools,
+            output_schema,
+            handoffs,
+            tracing,
+            previous_response_id=previous_response_id,
+            conversation_id=conversation_id,
+            prompt=prompt,
+        )
+        async for event in _closing(stream):
+            if isinstance(event, ResponseCompletedEvent):
+                usage = event.response.usage
+                tokens = (usage.input_tokens, usage.output_tokens) if usage else (0, 0)
+                return ModelResponse(
+                    output=event.response.output,
+                    usage=Usage(
+                        requests=1, input_tokens=tokens[0], output_tokens=tokens[1], total_tokens=sum(tokens)
+                    ),
+                    response_id=None,
+                )
+        raise ModelBehaviorError("the local model's stream ended without a response")
+
+    async def template(self) -> Template:
+        if self._template is None:
+            root, key = await self._address()
+            self._template = await _read_template(root, key)
+        return self._template
+
+    async def _address(self) -> tuple[str, str]:
+        if self._server is None:
+            raise RuntimeError("AdaptedModel serves only in-process models")
+        await self._server.start()
+        return self._server.address, self._server.api_key
+
+    async def _adapted(
+        self,
+        plain: Callable[[], AsyncIterator[TResponseStreamEvent]],
+        instructions: str | None,
+        input: str | list[TResponseInputItem],
+        settings: ModelSettings,
+        specs: list[ToolSpec],
+    ) -> AsyncIterator[TResponseStreamEvent]:
+        template = await self.template()
+        if template.native_tools:
+            async for event in _closing(plain()):
+                yield event
+            return
+        may_call, may_text, callable_specs = _choices(settings.tool_choice, specs, input)
+        past = history(input)
+        messages = [*prefix(instructions, specs), *past]
+        reply = ReplyEvents(self._name or "local")
+
+        async def request(tools: Sequence[ToolSpec], *, call: bool, text: bool) -> Chunks:
+            root, key = await self._address()
+            client = pooled_client(f"{root}/v1", key)
+            rules = grammar(tools, template.end_token, call=call, text=text)
+            # Only the deciding request (both branches open) needs the first token's alternatives.
+            name = self._name or "local"
+            return await _open(client, name, messages, settings, rules, decide=call and text, penalty=text)
+
+        if may_call and may_text:
+            stream = await request(callable_specs, call=True, text=True)
+            first = await first_content(stream)
+            sampled_call = first is not None and content(first).lstrip().startswith(CALL_START)
+            decided_call = first is not None and _p_call(first, sampled_call) >= CALL_THRESHOLD
+            if first is not None and not sampled_call and not decided_call:
+                async for event in relay_text(reply, stream, first):
+                    yield event
+                return
+            # Nothing has been shown yet: drop this stream and ask for the branch decided on.
+            await stream.close()
+            may_call = decided_call
+        conversation = "\n".join(message["content"] for message in past)
+        candidates = callable_specs if may_call else []
+        while candidates:
+            call = await read_call(await request(candidates, call=True, text=False))
+            spec = next(spec for spec in candidates if spec.name == call.name)
+            # A call copying the example's values is one the model had no grounds for: try the
+            # other tools, then text. Without the text branch (tool_choice) it must stand.
+            if not may_text or not copies_example(spec, call.arguments, conversation):
+                for event in call_events(reply, call):
+                    yield event
+                return
+            candidates = [other for other in candidates if other is not spec]
+        async for event in relay_text(reply, await request(callable_specs, call=False, text=True), None):
+            yield event
+
+
+def _adaptable(
+    tools: Sequence[Tool], handoffs: Sequence[Handoff[Any, Any]], output_schema: AgentOutputSchemaBase | None
+) -> list[ToolSpec]:
+    """The tools to teach, or none when the plain path serves the request as well."""
+    # A structured output type needs the plain path's response_format, which the grammar replaces.
+    if output_schema is not None and not output_schema.is_plain_text():
+        return []
+    return tool_specs(tools, handoffs)
+
+
+async def _open(
+    client: AsyncOpenAI,
+    model: str,
+    messages: list[dict[str, str]],
+    settings: ModelSettings,
+    rules: str,
+    *,
+    decide: bool,
+    penalty: bool,
+) -> Chunks:
+    """One streamed request under the grammar ``rules``, with or without the repetition penalties."""
+    extra: dict[str, Any] = dict(settings.extra_body) if isinstance(settings.extra_body, Mapping) else {}
+    extra["grammar"] = rules
+    if not penalty:
+        extra["repeat_penalty"] = 1.0  # see the module docstring: it spoils copied arguments
+    return await client.chat.completions.create(
+        model=model,
+        messages=cast("list[ChatCompletionMessageParam]", messages),  # roles as the template takes them
+        stream=True,
+        max_tokens=settings.max_tokens or DEFAULT_MAX_TOKENS,
+        temperature=_given(settings.temperature),
+        top_p=_given(settings.top_p),
+        frequency_penalty=_given(settings.frequency_penalty if penalty else None),
+        presence_penalty=_given(settings.presence_penalty if penalty else None),
+        logprobs=True if decide else omit,
+        top_logprobs=TOP_LOGPROBS if decide else omit,
+        stream_options={"include_usage": True},
+        extra_body=extra,
+        extra_headers=CLIENT_HEADERS,
+    )
+
+
+def _given(value: float | None) -> float | Omit:
+    return omit if value is None else value
+
+
+def _choices(
+    tool_choice: Any, specs: list[ToolSpec], input: str | list[TResponseInputItem]
+) -> tuple[bool, bool, list[ToolSpec]]:
+    """May this reply call, may it be text, and which tools may it call."""
+    if ends_with_tool_result(input) or tool_choice == "none":
+        return False, True, specs
+    if tool_choice == "required":
+        return True, False, specs
+    named = [spec for spec in specs if spec.name == tool_choice]
+    if named:
+        return True, False, named
+    return True, True, specs
+
+
+def _p_call(chunk: ChatCompletionChunk, sampled_call: bool) -> float:
+    """P(the reply starts a call) from the first token's raw (pre-grammar) probabilities."""
+    logprobs = chunk.choices[0].logprobs
+    if logprobs is None or not logprobs.content:
+        return 1.0 if sampled_call else 0.0  # a server without logprobs: trust the sample
+    tops = logprobs.content[0].top_logprobs
+    return sum(math.exp(top.logprob) for top in tops if top.token.lstrip().startswith(CALL_START))
+
+
+async def _closing(stream: AsyncIterator[TResponseStreamEvent]) -> AsyncIterator[TResponseStreamEvent]:
+    """Forward a stream and close it however this generator ends (the HTTP response goes with it)."""
+    try:
+        async for event in stream:
+            yield event
+    finally:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+async def _read_template(root: str, key: str) -> Template:
+    """Native tool support and the end-of-turn token id, from llama.cpp's ``/props``."""
+    headers = {"Authorization": f"Bearer {key}", **CLIENT_HEADERS}
+    async with httpx.AsyncClient(base_url=root, headers=headers, timeout=10.0) as http:
+        props = (await http.get("/props")).raise_for_status().json()
+        end = {"content": props["eos_token"], "parse_special": True}
+        tokens = (await http.post("/tokenize", json=end)).raise_for_status().json()["tokens"]
+    # llama.cpp reports the template's capabilities as a Python-style dict inside a string.
+    caps = str(props.get("chat_template_caps", ""))
+    native = re.search(r"supports_tools\W+true", caps, re.IGNORECASE) is not None
+    return Template(native_tools=native, end_token=int(tokens[0]))

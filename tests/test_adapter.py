@@ -1,0 +1,420 @@
+"""The tool adapter for the embedded model: its decisions, its requests, whole turns.
+
+Most tests need no model: requests are answered by canned llama.cpp chunks, so every branch of
+the decision is pinned down exactly. The tests marked ``model`` run the real SmolLM2, in
+process and through ``rtagent chat`` in a pseudo-terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pexpect
+import pytest
+from agents import Agent, ModelSettings, RunConfig, function_tool
+from agents.items import TResponseInputItem
+from agents.models.interface import ModelTracing
+from openai import omit
+from openai.types.chat import ChatCompletionChunk
+from openai.types.responses import (
+    ResponseCompletedEvent,
+    ResponseFunctionToolCall,
+    ResponseOutputItemAddedEvent,
+    ResponseOutputItemDoneEvent,
+    ResponseTextDeltaEvent,
+)
+
+import rtagent
+from rtagent import _adapter
+from rtagent._adapter import AdaptedModel, Template
+from rtagent._models import LOCAL_SETTINGS, ServedModel
+from rtagent.demo import agent as demo_agent
+
+sys.path.insert(0, str(Path(__file__).parent / "evals"))
+from eval_agents import AGENTS
+
+SHOP = AGENTS["shop"]
+
+
+# -- decisions, with canned chunks instead of a model ---------------------------------------------
+
+
+def chunk(text: str, top: dict[str, float] | None = None) -> ChatCompletionChunk:
+    """One streamed llama.cpp token, with the first token's alternatives when ``top`` is given."""
+    logprobs = None
+    if top is not None:
+        alternatives = [{"token": t, "logprob": math.log(p), "bytes": None} for t, p in top.items()]
+        logprobs = {"content": [{"token": text, "logprob": 0.0, "bytes": None, "top_logprobs": alternatives}]}
+    choice = {"index": 0, "delta": {"content": text}, "finish_reason": None, "logprobs": logprobs}
+    return ChatCompletionChunk.model_validate(
+        {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m", "choices": [choice]}
+    )
+
+
+def call_chunks(name: str, arguments: str) -> list[ChatCompletionChunk]:
+    head = ['{"', "name", '": "', name, '", "', "arguments", '": ']
+    return [chunk(piece) for piece in [*head, arguments[:5], arguments[5:], "}"]]
+
+
+class CannedStream:
+    """Stands in for the openai client's stream: canned chunks, and how many were taken."""
+
+    def __init__(self, chunks: list[ChatCompletionChunk]) -> None:
+        self.chunks = chunks
+        self.taken = 0
+        self.closed = False
+        # Like openai's AsyncStream: one iterator, so a second ``async for`` goes on where the
+        # first one stopped.
+        self._iterator = self._iterate()
+
+    def __aiter__(self) -> AsyncIterator[ChatCompletionChunk]:
+        return self._iterator
+
+    async def _iterate(self) -> AsyncIterator[ChatCompletionChunk]:
+        for item in self.chunks:
+            self.taken += 1
+            yield item
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class Canned:
+    """The requests an ``AdaptedModel`` makes, each answered by the next canned stream."""
+
+    def __init__(self, *answers: list[ChatCompletionChunk]) -> None:
+        self.streams = [CannedStream(answer) for answer in answers]
+        self.requests: list[dict[str, Any]] = []
+
+    async def open(
+        self, client: Any, model: str, messages: Any, settings: ModelSettings, rules: str, **kw: Any
+    ) -> Any:
+        self.requests.append({"messages": messages, "rules": rules, "settings": settings, **kw})
+        return self.streams[len(self.requests) - 1]
+
+    def branches(self) -> list[str]:
+        return [request["rules"].splitlines()[1].removeprefix("start: ") for request in self.requests]
+
+
+@pytest.fixture
+def canned(monkeypatch: pytest.MonkeyPatch) -> Callable[..., Canned]:
+    def install(*answers: list[ChatCompletionChunk]) -> Canned:
+        fake = Canned(*answers)
+        monkeypatch.setattr(_adapter, "_open", fake.open)
+        return fake
+
+    async def template(self: AdaptedModel) -> Template:
+        return Template(native_tools=False, end_token=2)
+
+    async def address(self: AdaptedModel) -> tuple[str, str]:
+        return "http://127.0.0.1:9", "key"
+
+    monkeypatch.setattr(AdaptedModel, "template", template)
+    monkeypatch.setattr(AdaptedModel, "_address", address)
+    return install
+
+
+def model() -> AdaptedModel:
+    return AdaptedModel("test", "m", settings=LOCAL_SETTINGS)
+
+
+async def respond(agent: Agent[Any], input: str | list[TResponseInputItem]) -> list[Any]:
+    stream = model().stream_response(
+        str(agent.instructions),
+        input,
+        ModelSettings(),
+        list(agent.tools),
+        None,
+        [],
+        ModelTracing.DISABLED,
+        previous_response_id=None,
+        conversation_id=None,
+        prompt=None,
+    )
+    return [event async for event in stream]
+
+
+def calls(events: list[Any]) -> list[ResponseFunctionToolCall]:
+    done = [e.item for e in events if isinstance(e, ResponseOutputItemDoneEvent)]
+    return [item for item in done if isinstance(item, ResponseFunctionToolCall)]
+
+
+def text(events: list[Any]) -> str:
+    return "".join(event.delta for event in events if isinstance(event, ResponseTextDeltaEvent))
+
+
+async def test_a_plain_reply_is_the_deciding_stream_itself(canned: Callable[..., Canned]) -> None:
+    fake = canned([chunk("Hi", {"Hi": 0.7, '{"': 0.2, "{": 0.05}), chunk(" there"), chunk("!")])
+    stream = model().stream_response(
+        "Be brief.", "hello", ModelSettings(), list(SHOP.tools), None, [], ModelTracing.DISABLED,
+        previous_response_id=None, conversation_id=None, prompt=None,
+    )  # fmt: skip
+    events = []
+    async for event in stream:
+        events.append(event)
+        if isinstance(event, ResponseTextDeltaEvent) and event.delta == "Hi":
+            assert fake.streams[0].taken == 1  # out as soon as the first token is in
+    assert text(events) == "Hi there!"
+    assert fake.branches() == ["call | text"]
+    assert fake.requests[0]["decide"] is True
+    assert fake.streams[0].closed
+    completed = events[-1]
+    assert isinstance(completed, ResponseCompletedEvent)
+    assert completed.response.usage is not None
+    assert completed.response.usage.output_tokens == 3
+
+
+async def test_a_call_is_redone_without_the_penalty_and_announced_when_its_arguments_close(
+    canned: Callable[..., Canned],
+) -> None:
+    call = call_chunks("get_order_status", '{"order_id": "A1234"}')
+    fake = canned([chunk('{"', {'{"': 0.8, "Hi": 0.2}), chunk("name")], call)
+    events = await respond(SHOP, "where is my order A1234?")
+    assert fake.branches() == ["call | text", "call"]
+    assert [request["penalty"] for request in fake.requests] == [True, False]
+    assert fake.streams[0].closed
+    assert fake.streams[0].taken == 1
+    assert fake.streams[1].taken == len(call) - 1  # the closing brace was not waited for
+    added = [e for e in events if isinstance(e, ResponseOutputItemAddedEvent)]
+    assert [e.item.type for e in added] == ["function_call"]
+    deltas = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+    assert deltas == ['{"ord', 'er_id": "A1234"}']
+    [done] = calls(events)
+    assert (done.name, done.arguments) == ("get_order_status", '{"order_id": "A1234"}')
+    assert isinstance(events[-1], ResponseCompletedEvent)
+    assert events[-1].response.output == [done]
+
+
+@pytest.mark.parametrize(
+    ("top", "first", "redo"),
+    [
+        ({"Sure": 0.4, '{"': 0.6}, "Sure", "call"),  # sampled text, but a call is likelier
+        ({"Sure": 0.6, '{"': 0.4}, '{"', "text"),  # sampled a call it did not mean
+    ],
+)
+async def test_the_threshold_overrides_the_sampled_first_token(
+    canned: Callable[..., Canned], top: dict[str, float], first: str, redo: str
+) -> None:
+    answer = call_chunks("get_order_status", '{"order_id": "A1234"}') if redo == "call" else [chunk("OK.")]
+    fake = canned([chunk(first, top), chunk("more")], answer)
+    events = await respond(SHOP, "where is A1234?")
+    assert fake.branches() == ["call | text", redo]
+    assert bool(calls(events)) == (redo == "call")
+    assert "more" not in text(events)
+
+
+async def test_a_call_copying_the_example_falls_back_to_other_tools_then_text(
+    canned: Callable[..., Canned],
+) -> None:
+    fake = canned(
+        [chunk('{"', {'{"': 0.6})],
+        call_chunks("get_order_status", '{"order_id": "X-7731"}'),
+        call_chunks("cancel_order", '{"order_id": "X-7731", "reason": "it arrived broken"}'),
+        [chunk("We open at 9.")],
+    )
+    events = await respond(SHOP, "what are your opening hours?")
+    assert fake.branches() == ["call | text", "call", "call", "text"]
+    second_try = json.loads(fake.requests[2]["rules"].splitlines()[2].removeprefix("call: %json "))
+    assert second_try["properties"]["name"] == {"const": "cancel_order"}
+    assert calls(events) == []
+    assert text(events) == "We open at 9."
+
+
+async def test_after_a_tool_result_the_reply_is_text_only(canned: Callable[..., Canned]) -> None:
+    fake = canned([chunk("It shipped.")])
+    events = await respond(
+        SHOP,
+        [
+            {"role": "user", "content": "where is order A1?"},
+            {"type": "function_call", "call_id": "c1", "name": "get_order_status", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c1", "output": "Shipped yesterday."},
+        ],
+    )
+    assert fake.branches() == ["text"]
+    assert fake.requests[0]["decide"] is False
+    assert fake.requests[0]["messages"][-1] == {
+        "role": "tool",
+        "content": "get_order_status returned: Shipped yesterday.",
+    }
+    assert text(events) == "It shipped."
+
+
+async def test_a_looping_reply_is_cut_before_the_repeat(canned: Callable[..., Canned]) -> None:
+    sentence = ["It", " is", " a", " sunny", " day", "."]
+    fake = canned([chunk("It", {"It": 0.9}), *[chunk(piece) for piece in sentence[1:] + sentence * 50]])
+    events = await respond(SHOP, "hi")
+    assert text(events) == "It is a sunny day.It is a sunny day"
+    assert fake.streams[0].closed
+    assert fake.streams[0].taken < 20
+
+
+async def test_requests_carry_the_grammar_and_drop_the_penalty_for_calls() -> None:
+    sent: list[dict[str, Any]] = []
+
+    class Completions:
+        async def create(self, **kwargs: Any) -> Any:
+            sent.append(kwargs)
+
+    client: Any = type("Client", (), {"chat": type("Chat", (), {"completions": Completions()})()})()
+    settings = LOCAL_SETTINGS.resolve(ModelSettings(temperature=0.0, frequency_penalty=0.5))
+    await _adapter._open(client, "m", [], settings, "G1", decide=True, penalty=True)
+    await _adapter._open(client, "m", [], settings, "G2", decide=False, penalty=False)
+    deciding, calling = sent
+    assert deciding["extra_body"] == {"repeat_penalty": 1.15, "repeat_last_n": 128, "grammar": "G1"}
+    assert (deciding["logprobs"], deciding["top_logprobs"], deciding["frequency_penalty"]) == (True, 10, 0.5)
+    assert calling["extra_body"] == {"repeat_penalty": 1.0, "repeat_last_n": 128, "grammar": "G2"}
+    assert calling["frequency_penalty"] is omit
+    assert calling["logprobs"] is omit
+    assert (calling["max_tokens"], calling["temperature"], calling["stream"]) == (384, 0.0, True)
+    assert calling["extra_headers"] == {"Connection": "close"}
+
+
+async def test_without_tools_the_plain_path_serves_unwrapped(monkeypatch: pytest.MonkeyPatch) -> None:
+    sentinel: Any = object()
+    monkeypatch.setattr(ServedModel, "stream_response", lambda *args, **kwargs: sentinel)
+    stream = model().stream_response(
+        None, "hi", ModelSettings(), [], None, [], ModelTracing.DISABLED,
+        previous_response_id=None, conversation_id=None, prompt=None,
+    )  # fmt: skip
+    assert stream is sentinel
+
+
+async def test_an_unstreamed_response_is_the_streamed_one_collected(canned: Callable[..., Canned]) -> None:
+    canned([chunk('{"', {'{"': 0.9})], call_chunks("get_order_status", '{"order_id": "A1"}'))
+    response = await model().get_response(
+        None, "where is A1?", ModelSettings(), list(SHOP.tools), None, [], ModelTracing.DISABLED,
+        previous_response_id=None, conversation_id=None, prompt=None,
+    )  # fmt: skip
+    [call] = response.output
+    assert isinstance(call, ResponseFunctionToolCall)
+    assert (call.name, call.arguments) == ("get_order_status", '{"order_id": "A1"}')
+    assert response.usage.output_tokens == len(call_chunks("x", '{"order_id": "A1"}')) - 1
+
+
+async def test_a_template_with_native_tools_keeps_the_plain_path(
+    canned: Callable[..., Canned], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = canned()
+
+    async def native(self: AdaptedModel) -> Template:
+        return Template(native_tools=True, end_token=2)
+
+    async def plain(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        yield "from llama.cpp's own tool parsing"
+
+    monkeypatch.setattr(AdaptedModel, "template", native)
+    monkeypatch.setattr(ServedModel, "stream_response", plain)
+    assert await respond(SHOP, "where is A1234?") == ["from llama.cpp's own tool parsing"]
+    assert fake.requests == []
+
+
+@function_tool
+async def fast_lookup(query: str) -> str:
+    """Look something up."""
+    return f"facts about {query}"
+
+
+async def test_a_whole_turn_runs_the_tool_and_answers(canned: Callable[..., Canned]) -> None:
+    canned(
+        [chunk('{"', {'{"': 0.9})],
+        call_chunks("fast_lookup", '{"query": "Paris"}'),
+        [chunk("Paris"), chunk(" facts.")],
+    )
+    agent = Agent(name="a", instructions="Be brief.", tools=[fast_lookup])
+    seen: list[rtagent.Event] = []
+    async with rtagent.stream(agent, "look up Paris", model=model()) as turn:
+        seen = [event async for event in turn]
+    kinds = [type(event).__name__ for event in seen]
+    assert kinds == [
+        "Thinking",
+        "ToolStarted",
+        "ToolFinished",
+        "Thinking",
+        "TextDelta",
+        "TextDelta",
+        "TurnFinished",
+    ]
+    started = seen[1]
+    assert isinstance(started, rtagent.ToolStarted)
+    assert (started.name, started.arguments) == ("fast_lookup", '{"query": "Paris"}')
+    assert turn.result.text == "Paris facts."
+
+
+# -- the real model -------------------------------------------------------------------------------
+
+DEMO_CALL = "please do a delayed lookup for the weather in Paris"
+DEMO_PLAIN = "what is 2 + 2?"
+
+
+@pytest.mark.model
+async def test_the_embedded_model_reports_no_native_tools() -> None:
+    local = rtagent._models.parse_spec("local")
+    assert isinstance(local, AdaptedModel)
+    assert await local.template() == Template(native_tools=False, end_token=2)
+
+
+@pytest.mark.model
+async def test_the_demo_agent_looks_up_paris_then_answers_and_adds_without_a_tool() -> None:
+    deterministic = RunConfig(model_settings=ModelSettings(temperature=0.0), tracing_disabled=True)
+    first = [
+        event
+        async for event in rtagent.stream(demo_agent, DEMO_CALL, model="local", run_config=deterministic)
+    ]
+    started = [event for event in first if isinstance(event, rtagent.ToolStarted)]
+    assert [event.name for event in started] == ["delayed_lookup"]
+    assert "paris" in json.loads(started[0].arguments)["query"].lower()
+    finished_at = next(i for i, event in enumerate(first) if isinstance(event, rtagent.ToolFinished))
+    assert any(isinstance(event, rtagent.TextDelta) for event in first[finished_at:])
+    assert isinstance(first[-1], rtagent.TurnFinished)
+
+    second = [
+        event
+        async for event in rtagent.stream(demo_agent, DEMO_PLAIN, model="local", run_config=deterministic)
+    ]
+    assert not any(isinstance(event, rtagent.ToolStarted) for event in second)
+    assert "".join(event.text for event in second if isinstance(event, rtagent.TextDelta)).strip()
+    assert isinstance(second[-1], rtagent.TurnFinished)
+
+
+@pytest.fixture
+def demo_chat() -> Iterator[pexpect.spawn[str]]:
+    env = {**os.environ, "TERM": "xterm", "NO_COLOR": "1", "LANG": "C.UTF-8", "PROMPT_TOOLKIT_NO_CPR": "1"}
+    env.pop("RTAGENT_MODEL", None)
+    rtagent_command = str(Path(sys.executable).with_name("rtagent"))
+    child = pexpect.spawn(
+        rtagent_command, ["chat"], env=env, encoding="utf-8", timeout=60, dimensions=(40, 200)
+    )
+    child.expect_exact("rtagent · RealtimeChatAgent · model local (SmolLM2-135M-Instruct.Q4_1)", timeout=60)
+    yield child
+    child.close(force=True)
+
+
+# A reply ends with a blank line, then the prompt comes back: terminal modes, then "> " drawn as
+# ">" and a cursor move.
+NEXT_PROMPT = r"\r\n\r\n(\x1b\[[0-9;?]*[A-Za-z])*>(\x08| )"
+
+
+@pytest.mark.model
+def test_the_terminal_chat_shows_the_tool_for_paris_and_answers_two_plus_two(
+    demo_chat: pexpect.spawn[str],
+) -> None:
+    demo_chat.expect(r">(\x08| )")
+    demo_chat.sendline(DEMO_CALL)
+    demo_chat.expect(r"using delayed_lookup\.\.\. \d+\.\ds")
+    demo_chat.expect(r"✓ delayed_lookup \(3\.\ds\): Data for '[^']*Paris[^']*' retrieved successfully")
+    demo_chat.expect(NEXT_PROMPT)
+    demo_chat.sendline(DEMO_PLAIN)
+    demo_chat.expect_exact(DEMO_PLAIN)
+    demo_chat.expect(NEXT_PROMPT)
+    shown = str(demo_chat.before)
+    assert "using delayed_lookup" not in shown
+    assert "✓ delayed_lookup" not in shown
+    answer = shown.rpartition("\x1b[K")[2]  # what is left once the status line is erased
+    assert re.search(r"\w", answer)
