@@ -7,6 +7,7 @@ process and through ``rtagent chat`` in a pseudo-terminal.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -125,11 +126,13 @@ def model() -> AdaptedModel:
     return AdaptedModel("test", "m", settings=LOCAL_SETTINGS)
 
 
-async def respond(agent: Agent[Any], input: str | list[TResponseInputItem]) -> list[Any]:
+async def respond(
+    agent: Agent[Any], input: str | list[TResponseInputItem], settings: ModelSettings | None = None
+) -> list[Any]:
     stream = model().stream_response(
         str(agent.instructions),
         input,
-        ModelSettings(),
+        settings or ModelSettings(),
         list(agent.tools),
         None,
         [],
@@ -225,6 +228,120 @@ async def test_a_call_copying_the_example_falls_back_to_other_tools_then_text(
     assert second_try["properties"]["name"] == {"const": "cancel_order"}
     assert calls(events) == []
     assert text(events) == "We open at 9."
+
+
+PARALLEL = ModelSettings(parallel_tool_calls=True)
+DECIDE_CALL = [chunk('{"', {'{"': 0.9})]
+
+
+def calls_in_a_row(*calls: tuple[str, str]) -> list[list[ChatCompletionChunk]]:
+    """The chunks of each call as parallel calls are written: all but the first open with the separator."""
+    streams = [call_chunks(name, arguments) for name, arguments in calls]
+    return [streams[0], *([chunk("\n"), *later] for later in streams[1:])]
+
+
+@pytest.mark.parametrize(
+    ("parallel", "calls_rule"),
+    [(None, None), (False, None), (True, 'calls: call ("\\n" call){0,3}')],
+)
+async def test_only_parallel_tool_calls_true_lets_a_reply_make_several_calls(
+    canned: Callable[..., Canned], parallel: bool | None, calls_rule: str | None
+) -> None:
+    fake = canned([chunk("Hi", {"Hi": 0.9})])
+    events = await respond(SHOP, "hello", ModelSettings(parallel_tool_calls=parallel))
+    lines = fake.requests[0]["rules"].splitlines()
+    assert lines[1] == ("start: calls | text" if calls_rule else "start: call | text")
+    assert [line for line in lines if line.startswith("calls:")] == ([calls_rule] if calls_rule else [])
+    assert isinstance(events[-1], ResponseCompletedEvent)
+    assert events[-1].response.parallel_tool_calls is bool(parallel)
+
+
+async def test_parallel_calls_go_out_each_as_it_closes_and_complete_when_the_model_ends(
+    canned: Callable[..., Canned],
+) -> None:
+    first, second = calls_in_a_row(
+        ("get_order_status", '{"order_id": "A1234"}'),
+        ("cancel_order", '{"order_id": "B5678", "reason": "late"}'),
+    )
+    fake = canned(DECIDE_CALL, first + second)
+    stream = model().stream_response(
+        None, "where is A1234? and cancel B5678, it is late", PARALLEL, list(SHOP.tools), None, [],
+        ModelTracing.DISABLED, previous_response_id=None, conversation_id=None, prompt=None,
+    )  # fmt: skip
+    events, taken_at_done = [], []
+    async for event in stream:
+        events.append(event)
+        if isinstance(event, ResponseOutputItemDoneEvent):
+            taken_at_done.append(fake.streams[1].taken)
+    assert fake.branches() == ["calls | text", "calls"]
+    # Each call went out as its arguments closed, before anything of the next one was read.
+    assert taken_at_done == [len(first) - 1, len(first) + len(second) - 1]
+    assert fake.streams[1].taken == len(first) + len(second)  # then the model's end was awaited
+    assert fake.streams[1].closed
+    done = calls(events)
+    assert [(call.name, call.arguments) for call in done] == [
+        ("get_order_status", '{"order_id": "A1234"}'),
+        ("cancel_order", '{"order_id": "B5678", "reason": "late"}'),
+    ]
+    added = [e for e in events if isinstance(e, ResponseOutputItemAddedEvent)]
+    assert [e.output_index for e in added] == [0, 1]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    completed = events[-1]
+    assert isinstance(completed, ResponseCompletedEvent)
+    assert completed.response.output == done
+    assert completed.response.parallel_tool_calls is True
+
+
+@pytest.mark.parametrize(
+    "second",
+    [
+        '{"order_id": "X-7731"}',  # the worked example's id, which the user never gave
+        '{"order_id": "A1234"}',  # the first call again
+    ],
+)
+async def test_a_later_call_copying_the_example_or_repeating_ends_the_reply_without_it(
+    canned: Callable[..., Canned], second: str
+) -> None:
+    written = calls_in_a_row(
+        ("get_order_status", '{"order_id": "A1234"}'),
+        ("get_order_status", second),
+        ("get_order_status", '{"order_id": "B5678"}'),
+    )
+    fake = canned(DECIDE_CALL, [item for call in written for item in call])
+    events = await respond(SHOP, "where are my orders A1234 and B5678?", PARALLEL)
+    assert fake.branches() == ["calls | text", "calls"]  # no fallback: the first call stood
+    assert fake.streams[1].taken == len(written[0]) + len(written[1]) - 1  # nothing after it read
+    assert fake.streams[1].closed
+    [done] = calls(events)
+    assert (done.name, done.arguments) == ("get_order_status", '{"order_id": "A1234"}')
+    assert isinstance(events[-1], ResponseCompletedEvent)
+    assert events[-1].response.output == [done]
+
+
+async def test_a_later_call_cut_by_the_cap_leaves_the_calls_before_it(canned: Callable[..., Canned]) -> None:
+    first, second = calls_in_a_row(
+        ("get_order_status", '{"order_id": "A1234"}'), ("get_order_status", '{"order_id": "B5678"}')
+    )
+    canned(DECIDE_CALL, first + second[:-3])
+    events = await respond(SHOP, "where are my orders A1234 and B5678?", PARALLEL)
+    assert [call.arguments for call in calls(events)] == ['{"order_id": "A1234"}']
+    assert isinstance(events[-1], ResponseCompletedEvent)
+
+
+async def test_the_first_of_parallel_calls_copying_the_example_still_falls_back(
+    canned: Callable[..., Canned],
+) -> None:
+    copied, other = calls_in_a_row(
+        ("get_order_status", '{"order_id": "X-7731"}'), ("get_order_status", '{"order_id": "A1"}')
+    )
+    fake = canned(
+        DECIDE_CALL, copied + other, call_chunks("cancel_order", '{"order_id": "A1", "reason": "no"}')
+    )
+    events = await respond(SHOP, "cancel A1, no", PARALLEL)
+    assert fake.branches() == ["calls | text", "calls", "calls"]
+    assert fake.streams[1].taken == len(copied) - 1
+    assert fake.streams[1].closed
+    assert [call.name for call in calls(events)] == ["cancel_order"]
 
 
 async def test_after_a_tool_result_the_reply_is_text_only(canned: Callable[..., Canned]) -> None:
@@ -345,6 +462,77 @@ async def test_a_whole_turn_runs_the_tool_and_answers(canned: Callable[..., Cann
     assert isinstance(started, rtagent.ToolStarted)
     assert (started.name, started.arguments) == ("fast_lookup", '{"query": "Paris"}')
     assert turn.result.text == "Paris facts."
+
+
+@function_tool
+async def fast_clock(city: str) -> str:
+    """Tell the time in a city."""
+    return f"noon in {city}"
+
+
+class HeldStream(CannedStream):
+    """A canned stream that holds its chunks back from ``at`` on until ``go`` is set."""
+
+    def __init__(self, chunks: list[ChatCompletionChunk], at: int) -> None:
+        super().__init__(chunks)
+        self.at = at
+        self.go = asyncio.Event()
+
+    async def _iterate(self) -> AsyncIterator[ChatCompletionChunk]:
+        for i, item in enumerate(self.chunks):
+            if i == self.at:
+                await self.go.wait()
+            self.taken += 1
+            yield item
+
+
+async def test_a_whole_turn_runs_parallel_tools_each_announced_as_its_arguments_close(
+    canned: Callable[..., Canned],
+) -> None:
+    first, second = calls_in_a_row(("fast_lookup", '{"query": "Paris"}'), ("fast_clock", '{"city": "Rome"}'))
+    fake = canned(DECIDE_CALL, [], [chunk("Paris"), chunk(" at noon.")])
+    # The rest of the reply is held back until the first call has been shown to the consumer.
+    held = fake.streams[1] = HeldStream(first + second, at=len(first) - 1)
+    agent = Agent(
+        name="a", instructions="Be brief.", tools=[fast_lookup, fast_clock], model_settings=PARALLEL
+    )
+    seen: list[rtagent.Event] = []
+    async with (
+        asyncio.timeout(10),
+        rtagent.stream(agent, "look up Paris, time in Rome", model=model()) as turn,
+    ):
+        async for event in turn:
+            seen.append(event)
+            if isinstance(event, rtagent.ToolStarted) and not held.go.is_set():
+                assert held.taken == len(first) - 1
+                held.go.set()
+    kinds = [type(event).__name__ for event in seen]
+    assert kinds == [
+        "Thinking",
+        "ToolStarted",
+        "ToolStarted",
+        "ToolFinished",
+        "ToolFinished",
+        "Thinking",
+        "TextDelta",
+        "TextDelta",
+        "TurnFinished",
+    ]
+    started = [(e.name, e.arguments) for e in seen if isinstance(e, rtagent.ToolStarted)]
+    assert started == [("fast_lookup", '{"query": "Paris"}'), ("fast_clock", '{"city": "Rome"}')]
+    finished = {e.name: e.output for e in seen if isinstance(e, rtagent.ToolFinished)}
+    assert finished == {"fast_lookup": "facts about Paris", "fast_clock": "noon in Rome"}
+    # The answer is asked for with both calls, as the model writes them, and both results.
+    assert fake.requests[2]["messages"][-3:] == [
+        {
+            "role": "assistant",
+            "content": '{"name": "fast_lookup", "arguments": {"query": "Paris"}}\n'
+            '{"name": "fast_clock", "arguments": {"city": "Rome"}}',
+        },
+        {"role": "tool", "content": "fast_lookup returned: facts about Paris"},
+        {"role": "tool", "content": "fast_clock returned: noon in Rome"},
+    ]
+    assert turn.result.text == "Paris at noon."
 
 
 # -- the real model -------------------------------------------------------------------------------

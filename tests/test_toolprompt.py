@@ -92,6 +92,20 @@ def test_one_branch_grammars() -> None:
         _toolprompt.grammar(specs(SHOP), 7, call=False, text=False)
 
 
+def test_parallel_calls_are_one_per_line_up_to_the_cap_and_one_call_is_the_default() -> None:
+    single = _toolprompt.grammar(specs(SHOP), 2)
+    several = _toolprompt.grammar(specs(SHOP), 2, max_calls=_toolprompt.MAX_CALLS)
+    assert _toolprompt.MAX_CALLS == 4
+    assert not [line for line in single.splitlines() if line.startswith("calls")]
+    lines = several.splitlines()
+    assert lines[1] == "start: calls | text"
+    assert lines[2] == single.splitlines()[2]  # each call is the same JSON as a lone one
+    assert lines[3] == 'calls: call ("\\n" call){0,3}'
+    assert lines[4] == single.splitlines()[3]
+    call_only = _toolprompt.grammar(specs(SHOP), 2, text=False, max_calls=2).splitlines()
+    assert call_only[1:2] + call_only[3:] == ["start: calls", 'calls: call ("\\n" call){0,1}']
+
+
 def test_definitions_are_hoisted_and_renamed_per_tool() -> None:
     point = {"type": "object", "properties": {"x": {"type": "number"}}}
     params = {

@@ -10,18 +10,23 @@ invisible to the agent's author: the same tools, the same SDK run, the same even
    (the prompt is cached, so this costs about one token) with only the branch decided on. A call
    is always asked for without the repetition penalty: llama.cpp counts prompt tokens in it, and
    it pushed arguments away from the user's own words (order ids came out as random letters).
-3. A call is read until its arguments close (not waiting for the model's last two tokens) and
+3. Each call is read until its arguments close (not waiting for the model's last tokens) and
    checked: a call whose argument is a copy of the worked example's, not something the user
    said, is how this model answers what no tool does ("what are your opening hours?" ->
    ``get_order_status("X-7731")``) or picks the wrong tool; the other tools are tried, then text.
-   A call that stands goes out as ``output_item.added``, its argument deltas, ``output_item.done``
-   and ``response.completed`` at once: rtagent announces a call when its arguments are complete
-   anyway, and the SDK runs it at ``response.completed``.
+   A call that stands goes out at once as ``output_item.added``, its argument deltas and
+   ``output_item.done``: rtagent announces a call when its arguments are complete anyway.
+   ``response.completed``, where the SDK runs the calls, follows as soon as no call can follow.
 
-One call per reply: the 135M model picks one tool reliably at best, and teaching arrays of calls
-would lengthen the cached prefix, which is what plain replies pay for in time to first token.
-After a tool result the reply is text only, so a call can never loop. Text stops at the cap
-(``max_tokens``) and as soon as it repeats itself (``LoopGuard``).
+Several calls per reply (one per line, at most ``MAX_CALLS``) only when the settings ask for them
+with ``parallel_tool_calls=True``. Given the choice, the 135M model goes on after almost every
+call, mostly repeating it: on single-request messages that held ``response.completed`` (where
+the SDK runs the calls) back by about 0.4 s for nothing, so one call stays the default, which
+completes the moment its arguments close. A later call that repeats an earlier one or copies the
+example ends the reply with the calls before it; only the first is worth the fallback to other
+tools. The worked examples stay single calls: a longer cached prefix is what plain replies pay
+for in time to first token. After a tool result the reply is text only, so a call can never
+loop. Text stops at the cap (``max_tokens``) and as soon as it repeats itself (``LoopGuard``).
 
 Requests without tools go straight to ``ServedModel``, and so do models whose template has
 native tool support (llama.cpp parses their calls itself).
@@ -32,6 +37,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -52,9 +58,10 @@ from openai.types.responses.response_prompt_param import ResponsePromptParam
 from ._local import CLIENT_HEADERS
 from ._models import ServedModel, pooled_client
 from ._replyevents import ReplyEvents
-from ._replystream import Chunks, call_events, content, first_content, read_call, relay_text
+from ._replystream import Chunks, call_events, content, first_content, read_calls, relay_text
 from ._toolprompt import (
     CALL_START,
+    MAX_CALLS,
     ToolSpec,
     copies_example,
     ends_with_tool_result,
@@ -198,14 +205,15 @@ class AdaptedModel(ServedModel):
                 yield event
             return
         may_call, may_text, callable_specs = _choices(settings.tool_choice, specs, input)
+        most = MAX_CALLS if settings.parallel_tool_calls else 1
         past = history(input)
         messages = [*prefix(instructions, specs), *past]
-        reply = ReplyEvents(self._name or "local")
+        reply = ReplyEvents(self._name or "local", parallel_tool_calls=most > 1)
 
         async def request(tools: Sequence[ToolSpec], *, call: bool, text: bool) -> Chunks:
             root, key = await self._address()
             client = pooled_client(f"{root}/v1", key)
-            rules = grammar(tools, template.end_token, call=call, text=text)
+            rules = grammar(tools, template.end_token, call=call, text=text, max_calls=most)
             # Only the deciding request (both branches open) needs the first token's alternatives.
             name = self._name or "local"
             return await _open(client, name, messages, settings, rules, decide=call and text, penalty=text)
@@ -225,13 +233,27 @@ class AdaptedModel(ServedModel):
         conversation = "\n".join(message["content"] for message in past)
         candidates = callable_specs if may_call else []
         while candidates:
-            call = await read_call(await request(candidates, call=True, text=False))
-            spec = next(spec for spec in candidates if spec.name == call.name)
-            # A call copying the example's values is one the model had no grounds for: try the
-            # other tools, then text. Without the text branch (tool_choice) it must stand.
-            if not may_text or not copies_example(spec, call.arguments, conversation):
-                for event in call_events(reply, call):
-                    yield event
+            by_name = {spec.name: spec for spec in candidates}
+            async with aclosing(read_calls(await request(candidates, call=True, text=False), most)) as found:
+                call = await anext(found)
+                spec = by_name[call.name]
+                # A call copying the example's values is one the model had no grounds for: try the
+                # other tools, then text. Without the text branch (tool_choice) it must stand.
+                stands = not may_text or not copies_example(spec, call.arguments, conversation)
+                if stands:
+                    for event in [*reply.start(), *call_events(reply, call)]:
+                        yield event
+                    made = {(call.name, call.arguments)}
+                    async for later in found:
+                        # The reply has its call already: a doubtful one ends it instead.
+                        key = (later.name, later.arguments)
+                        if key in made or copies_example(by_name[later.name], later.arguments, conversation):
+                            break
+                        for event in call_events(reply, later):
+                            yield event
+                        made.add(key)
+            if stands:
+                yield reply.completed()  # once the stream is closed: a rejected call stops generating
                 return
             candidates = [other for other in candidates if other is not spec]
         async for event in relay_text(reply, await request(callable_specs, call=False, text=True), None):

@@ -38,10 +38,11 @@ def _id(prefix: str) -> str:
 
 
 class ReplyEvents:
-    """The events of one response: at most one message item, then at most one function call."""
+    """The events of one response: at most one message item, then function calls one by one."""
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, *, parallel_tool_calls: bool = False) -> None:
         self._model = model
+        self._parallel_tool_calls = parallel_tool_calls
         self._id = _id("resp")
         self._sequence = 0
         self._output: list[TResponseOutputItem] = []
@@ -141,10 +142,11 @@ class ReplyEvents:
             self._done(message, index),
         ]
 
-    # -- a function call ------------------------------------------------------------------------
+    # -- function calls -------------------------------------------------------------------------
 
     def call_added(self, name: str) -> TResponseStreamEvent:
         call_id = _id("call")
+        self._arguments = []
         self._call = ResponseFunctionToolCall(
             type="function_call",
             id=f"fc_{call_id}",
@@ -217,7 +219,7 @@ class ReplyEvents:
             tool_choice="auto",
             tools=[],
             top_p=None,
-            parallel_tool_calls=False,
+            parallel_tool_calls=self._parallel_tool_calls,
             status=status,
             usage=usage if status == "completed" else None,
         )

@@ -1,15 +1,15 @@
 """Reading an adapted model's stream: text relayed token by token, calls read to their end.
 
 ``relay_text`` turns a text stream into Responses events as each token arrives and stops it at a
-loop (``LoopGuard``); ``read_call`` follows a call's JSON (``CallScanner``) until its arguments
-close, so the call can be checked before anything of it is shown.
+loop (``LoopGuard``); ``read_calls`` follows the calls' JSON (``CallScanner``) and hands each over
+as soon as its arguments close, so it can be checked before anything of it is shown.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
@@ -19,6 +19,7 @@ from openai import AsyncStream
 from openai.types.chat import ChatCompletionChunk
 
 from ._replyevents import ReplyEvents
+from ._toolprompt import CALL_SEPARATOR
 
 Chunks: TypeAlias = AsyncStream[ChatCompletionChunk]
 
@@ -78,50 +79,66 @@ class Call:
         return "".join(self.pieces)
 
 
-async def read_call(stream: Chunks) -> Call:
-    """Read a call-only stream until the arguments close; the rest is a brace and the end token."""
-    call, scanner = Call(), CallScanner()
+async def read_calls(stream: Chunks, limit: int) -> AsyncGenerator[Call, None]:
+    """Each call of a call-only stream as soon as its arguments close, at most ``limit`` of them.
+
+    The stream is read on only when the next call is asked for, so a caller that stops (at a
+    call it rejects) leaves the rest unread; it is closed however this ends. After the last call
+    there is nothing to wait for: the rest is a brace and the end token.
+    """
+    call, scanner, made = Call(), CallScanner(), 0
     try:
         async for chunk in stream:
             call.chunks.append(chunk)
-            name, piece, closed = scanner.feed(content(chunk))
-            call.name = name or call.name
-            if piece:
-                call.pieces.append(piece)
-            if closed:
-                return call
+            delta = content(chunk)
+            while True:  # one chunk may close a call and hold the start of the next
+                name, piece, closed = scanner.feed(delta)
+                delta = ""
+                call.name = name or call.name
+                if piece:
+                    call.pieces.append(piece)
+                if not closed:
+                    break
+                yield call
+                made += 1
+                if made == limit:
+                    return
+                call = Call()
     finally:
         await stream.close()
-    raise ModelBehaviorError(
-        f"the local model's tool call did not finish within its token cap: {scanner.text!r}"
-    )
+    if not made:
+        raise ModelBehaviorError(
+            f"the local model's tool call did not finish within its token cap: {scanner.text!r}"
+        )
 
 
 def call_events(reply: ReplyEvents, call: Call) -> list[TResponseStreamEvent]:
-    """The whole response for an accepted call, its argument deltas as the model wrote them.
+    """An accepted call's output item, its argument deltas as the model wrote them.
 
     They go out together once the call is known to stand, which is when rtagent would announce
     it anyway (complete arguments), so checking it first delays nothing a user sees.
     """
     for chunk in call.chunks:
         reply.count(chunk)
-    events = [*reply.start(), reply.call_added(call.name)]
-    events += [reply.call_delta(piece) for piece in call.pieces]
-    return [*events, *reply.call_done(), reply.completed()]
+    events = [reply.call_added(call.name), *(reply.call_delta(piece) for piece in call.pieces)]
+    return [*events, *reply.call_done()]
 
 
 class CallScanner:
-    """Follows a streamed ``{"name": "...", "arguments": {...}}`` as the grammar writes it.
+    """Follows streamed ``{"name": "...", "arguments": {...}}`` calls as the grammar writes them.
 
     ``feed`` returns the name once it is complete, the new part of the arguments, and whether the
-    arguments have just closed. Only strings and nesting depth are tracked: the grammar already
+    arguments have just closed; then it follows the next call, one ``CALL_SEPARATOR`` after the
+    brace that closes this one. Only strings and nesting depth are tracked: the grammar already
     guarantees valid JSON, with these separators and in this key order.
     """
 
     _HEAD = re.compile(r'\{"name": "((?:[^"\\]|\\.)*)", "arguments": ')
+    _BETWEEN = len("}" + CALL_SEPARATOR)
 
     def __init__(self) -> None:
         self.text = ""
+        self._head = 0  # where the current call's head is expected
         self._scanned: int | None = None  # where the arguments scan has reached, once they began
         self._depth = 0
         self._in_string = False
@@ -131,7 +148,7 @@ class CallScanner:
         self.text += delta
         name = None
         if self._scanned is None:
-            head = self._HEAD.match(self.text)
+            head = self._HEAD.match(self.text, self._head)
             if head is None:
                 return None, "", False
             name = json.loads(f'"{head.group(1)}"')
@@ -153,7 +170,7 @@ class CallScanner:
             elif char in "}]":
                 self._depth -= 1
                 if self._depth == 0:
-                    self._scanned = i + 1
+                    self._scanned, self._head = None, i + 1 + self._BETWEEN
                     return name, self.text[start : i + 1], True
         self._scanned = len(self.text)
         return name, self.text[start:], False

@@ -1,12 +1,12 @@
 """The tool format taught to a model whose chat template has none: prompt, examples, grammar, history.
 
-A reply is either plain text or one bare JSON object ``{"name": ..., "arguments": {...}}``, so its
-first character says which (``{`` or not). The prompt lists the tools and shows one worked call per
-tool as real chat turns, generated from the tools themselves; an llguidance grammar makes every
-call valid for its tool's schema. Why this shape (measured on SmolLM2-135M with the labelled
-set in ``tests/evals``): the model puts far more probability on starting a reply with ``{"``
-after a few examples than on a ``<tool_call>`` tag; plain-answer examples get parroted into
-unrelated replies; and without the grammar not one call of 43 was valid.
+A reply is either plain text or bare JSON objects ``{"name": ..., "arguments": {...}}``, one call
+per line, so its first character says which (``{`` or not). The prompt lists the tools and shows
+one worked call per tool as real chat turns, generated from the tools themselves; an llguidance
+grammar makes every call valid for its tool's schema. Why this shape (measured on SmolLM2-135M
+with the labelled set in ``tests/evals``): the model puts far more probability on starting a
+reply with ``{"`` after a few examples than on a ``<tool_call>`` tag; plain-answer examples get
+parroted into unrelated replies; and without the grammar not one call of 43 was valid.
 
 Everything here is pure: no model, no I/O, so it is tested on its own.
 """
@@ -26,6 +26,9 @@ from agents.models.chatcmpl_converter import Converter
 from agents.tool import FunctionTool, Tool
 
 CALL_START = "{"
+# Parallel calls are written one per line, as ``history`` renders a past reply with several.
+CALL_SEPARATOR = "\n"
+MAX_CALLS = 4
 # Bound each string and array argument, so a call that starts looping inside one still ends.
 MAX_STRING = 120
 MAX_ITEMS = 16
@@ -183,18 +186,23 @@ def _squeezed(text: str) -> str:
 # -- the grammar ----------------------------------------------------------------------------------
 
 
-def grammar(specs: Sequence[ToolSpec], end_token: int, *, call: bool = True, text: bool = True) -> str:
-    """An llguidance grammar: a call valid for one of ``specs``, or text not starting with ``{``.
+def grammar(
+    specs: Sequence[ToolSpec], end_token: int, *, call: bool = True, text: bool = True, max_calls: int = 1
+) -> str:
+    """An llguidance grammar: up to ``max_calls`` calls valid for ``specs``, or text not starting with ``{``.
 
     ``end_token`` is the id of the template's end-of-turn token: llguidance does not end a free
     text rule by itself, and without it every plain reply ran to the length cap.
     """
-    branches = ["call"] * (call and bool(specs)) + ["text"] * text
+    calls = "call" if max_calls == 1 else "calls"
+    branches = [calls] * (call and bool(specs)) + ["text"] * text
     if not branches:
         raise ValueError("a grammar needs the call or the text branch")
     lines = ["%llguidance {}", "start: " + " | ".join(branches)]
-    if "call" in branches:
+    if calls in branches:
         lines.append("call: %json " + json.dumps(call_schema(specs), separators=(",", ":")))
+        if max_calls > 1:
+            lines.append(f"calls: call ({json.dumps(CALL_SEPARATOR)} call){{0,{max_calls - 1}}}")
     if text:
         lines.append(rf"text: /[^{re.escape(CALL_START)}\s](.|\n)*/ <[{end_token}]>")
     return "\n".join(lines) + "\n"
