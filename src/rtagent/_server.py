@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import itertools
 import logging
 import os
@@ -298,6 +299,11 @@ def create_app(
         warm = getattr(server.model, "warm", None)
         if warm is not None:  # the embedded model starts now, not on the first person's message
             await warm()
+        # The SDK, openai and pydantic leave some 200,000 objects that live as long as the process;
+        # every full collection walked them all, pausing every stream for up to half a second
+        # (bench/load.py). Frozen, the collector only sees what the conversations allocate.
+        gc.collect()
+        gc.freeze()
         yield
         await server.aclose()
 

@@ -257,6 +257,9 @@ class Turn:
 
     def _close(self, error: BaseException | None) -> None:
         self._result = self._make_result(clean=error is None and not self._interrupted)
+        # The SDK's run state (responses, items, context) is in the result now; an idle chat keeps
+        # its last turn, and a server keeps a thousand idle chats.
+        self._sdk = None
         if error is None:
             self._events.put(TurnFinished(self._result))
         else:
