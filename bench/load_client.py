@@ -15,7 +15,8 @@ text events (ms), every time to first token (ms, from the connection attempt), t
 and this process's own event-loop lag: a 5 ms sleep measured in a loop, so that a client too busy to
 read its sockets on time shows up instead of passing for server latency. ``gaps_ms`` has only the
 gaps that end inside ``window`` (the plateau, when every session is streaming and none starts or
-ends); ``gaps_all_ms`` has them all.
+ends); ``gaps_all_ms`` has them all. ``late`` counts the sessions whose first text event came after
+the plateau began: a server that falls behind on starting streams has fewer than N streaming there.
 """
 
 from __future__ import annotations
@@ -216,8 +217,10 @@ async def _run(command: dict[str, Any]) -> dict[str, Any]:
     gaps: list[float] = []
     plateau: list[float] = []
     ttft: list[float] = []
+    late = 0
     for stream in results:
         times = stream.times
+        late += times[0] > low
         ttft.append(round((times[0] - stream.started) * 1e3, 3))
         for before, after in itertools.pairwise(times):
             gap = round((after - before) * 1e3, 3)
@@ -230,6 +233,7 @@ async def _run(command: dict[str, Any]) -> dict[str, Any]:
         "gaps_ms": plateau,
         "gaps_all_ms": gaps,
         "ttft_ms": ttft,
+        "late": late,
         "lag_ms": [round(lag, 3) for lag in monitor.lags],
         "cpu_s": round(time.process_time() - cpu_before, 3),
     }
