@@ -230,6 +230,22 @@ async def test_a_call_copying_the_example_falls_back_to_other_tools_then_text(
     assert text(events) == "We open at 9."
 
 
+async def test_a_copying_call_is_dropped_as_soon_as_its_copied_value_closes(
+    canned: Callable[..., Canned],
+) -> None:
+    head = call_chunks("cancel_order", "{}")[:-3]  # '{"name": "cancel_order", "arguments": '
+    rest = ['{"order_id": "X-7731"', ', "reason', '": "it arrived broken"}', "}"]
+    copy = [*head, *(chunk(piece) for piece in rest)]
+    fake = canned([chunk('{"', {'{"': 0.6})], copy, [], [chunk("We open at 9.")])
+    fake.streams[2].chunks = call_chunks("get_order_status", '{"order_id": "X-7731"}')
+    events = await respond(SHOP, "what are your opening hours?")
+    assert fake.streams[1].taken == len(head) + 2  # the reason was never waited for
+    assert fake.streams[1].closed
+    assert fake.branches() == ["call | text", "call", "call", "text"]
+    assert calls(events) == []
+    assert text(events) == "We open at 9."
+
+
 PARALLEL = ModelSettings(parallel_tool_calls=True)
 DECIDE_CALL = [chunk('{"', {'{"': 0.9})]
 

@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import re
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from rtagent._errors import ModelError
-from rtagent._local import CLIENT_HEADERS, LocalServer, default_model_path, shared_server
+from rtagent._local import CLIENT_HEADERS, LocalServer, Slots, default_model_path, shared_server
 
 pytestmark = pytest.mark.model
 
@@ -188,3 +190,45 @@ async def test_a_bad_model_file_fails_in_one_line(
     assert failure.value.__context__ is None or failure.value.__suppress_context__
     assert not local.running
     assert capfd.readouterr().err == ""
+
+
+def test_slots_keep_a_conversation_where_its_prompt_is_cached() -> None:
+    slots = Slots(3)
+    with slots.take(["agent", "hi"]) as first:
+        assert first is not None
+        with slots.take(["agent", "bye"]) as other:  # held: a concurrent request goes elsewhere
+            assert other not in (None, first)
+    with slots.take(["agent", "hi", "hello!", "how are you?"]) as again:
+        assert again == first  # the same conversation, a turn later
+    with slots.take(["another agent"]) as fresh:
+        assert fresh not in (None, first, other)  # the least recently used of the rest
+    with slots.take(["a"]), slots.take(["b"]), slots.take(["c"]), slots.take(["d"]) as none_left:
+        assert none_left is None  # llama.cpp's own choice
+
+
+async def test_a_request_right_after_a_closed_stream_finds_its_prompt_cached(server: LocalServer) -> None:
+    # Unique instructions: no slot holds this prompt from an earlier test.
+    system = f"Session {secrets.token_hex(4)}. " + "You are a helpful, concise assistant. " * 30
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "system", "content": system},
+        {"role": "user", "content": "Tell me a long story."},
+    ]
+    api = client(server)
+    timings: list[dict[str, float]] = []
+    for _ in range(2):
+        with server.slots.take([system]) as slot:
+            stream = await api.chat.completions.create(
+                model="m",
+                messages=messages,
+                stream=True,
+                max_tokens=64,
+                extra_body={"id_slot": slot, "timings_per_token": True},
+            )
+            async for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    timings.append((chunk.model_extra or {})["timings"])
+                    break  # closed at once: the slot stays busy until the server notices
+            await stream.close()
+    assert timings[0]["cache_n"] == 0
+    assert timings[1]["cache_n"] > 250  # all but the last prompt token or so
+    assert timings[1]["prompt_n"] < 5

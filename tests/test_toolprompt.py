@@ -71,7 +71,15 @@ def test_the_grammar_is_a_call_or_text_ending_with_the_end_token() -> None:
     text = _toolprompt.grammar(specs(SHOP), 2)
     lines = text.splitlines()
     assert lines[:2] == ["%llguidance {}", "start: call | text"]
+    assert lines[2] == r"call: /\{(.|\n)*/"  # deciding only: a call is asked for again on its own
     assert lines[3] == r"text: /[^\{\s](.|\n)*/ <[2]>"
+
+
+def test_a_call_is_valid_for_its_tool_schema() -> None:
+    lines = _toolprompt.grammar(specs(SHOP), 2, text=False).splitlines()
+    assert lines[1] == "start: call"
+    several = _toolprompt.grammar(specs(SHOP), 2, text=False, max_calls=2).splitlines()
+    assert several[2] == lines[2]  # each of several calls is the same JSON as a lone one
     schema = json.loads(lines[2].removeprefix("call: %json "))
     names = [variant["properties"]["name"]["const"] for variant in schema["anyOf"]]
     assert names == ["get_order_status", "cancel_order"]
@@ -167,6 +175,11 @@ def test_a_call_copying_the_example_is_told_from_one_the_user_asked_for() -> Non
     # The unit is a choice among enum values, not a copy; Oslo is.
     assert _toolprompt.copies_example(weather, '{"city": "Oslo", "unit": "celsius"}', "what is 2 + 2?")
     assert not _toolprompt.copies_example(weather, '{"city": "Rome", "unit": "fahrenheit"}', "Rome?")
+    # As the arguments stream: judged once a copied value has closed, not before.
+    assert _toolprompt.copies_example(status, '{"order_id": "X-7731"}', "hi")
+    assert _toolprompt.copies_example(weather, '{"city": "Oslo", "un', "what is 2 + 2?")
+    assert not _toolprompt.copies_example(weather, '{"city": "Oslo', "what is 2 + 2?")
+    assert not _toolprompt.copies_example(weather, '{"city": "Rome", "un', "what is 2 + 2?")
 
 
 # -- the labelled set -----------------------------------------------------------------------------

@@ -58,7 +58,7 @@ from openai.types.responses.response_prompt_param import ResponsePromptParam
 from ._local import CLIENT_HEADERS
 from ._models import ServedModel, pooled_client
 from ._replyevents import ReplyEvents
-from ._replystream import Chunks, call_events, content, first_content, read_calls, relay_text
+from ._replystream import Call, Chunks, call_events, content, first_content, read_calls, relay_text
 from ._toolprompt import (
     CALL_START,
     MAX_CALLS,
@@ -204,10 +204,24 @@ class AdaptedModel(ServedModel):
             async for event in _closing(plain()):
                 yield event
             return
-        may_call, may_text, callable_specs = _choices(settings.tool_choice, specs, input)
-        most = MAX_CALLS if settings.parallel_tool_calls else 1
         past = history(input)
         messages = [*prefix(instructions, specs), *past]
+        # Every request of the reply has this prompt, so they all go to the slot that caches it.
+        with self.pinned(settings, [f"{m['role']}: {m['content']}" for m in messages]) as settings:
+            async for event in self._reply(template, settings, specs, input, past, messages):
+                yield event
+
+    async def _reply(
+        self,
+        template: Template,
+        settings: ModelSettings,
+        specs: list[ToolSpec],
+        input: str | list[TResponseInputItem],
+        past: list[dict[str, str]],
+        messages: list[dict[str, str]],
+    ) -> AsyncIterator[TResponseStreamEvent]:
+        may_call, may_text, callable_specs = _choices(settings.tool_choice, specs, input)
+        most = MAX_CALLS if settings.parallel_tool_calls else 1
         reply = ReplyEvents(self._name or "local", parallel_tool_calls=most > 1)
 
         async def request(tools: Sequence[ToolSpec], *, call: bool, text: bool) -> Chunks:
@@ -232,30 +246,35 @@ class AdaptedModel(ServedModel):
             may_call = decided_call
         conversation = "\n".join(message["content"] for message in past)
         candidates = callable_specs if may_call else []
+        made: set[tuple[str, str]] = set()
+
+        def doubtful(call: Call) -> bool:
+            # A call copying the example's values is one the model had no grounds for: the first
+            # falls back to the other tools, then text (unless tool_choice leaves no text), and a
+            # later one ends the reply with the calls before it.
+            if not made and not may_text:
+                return False
+            return copies_example(by_name[call.name], call.arguments, conversation)
+
         while candidates:
             by_name = {spec.name: spec for spec in candidates}
-            async with aclosing(read_calls(await request(candidates, call=True, text=False), most)) as found:
+            stream = await request(candidates, call=True, text=False)
+            async with aclosing(read_calls(stream, most, doubtful)) as found:
                 call = await anext(found)
-                spec = by_name[call.name]
-                # A call copying the example's values is one the model had no grounds for: try the
-                # other tools, then text. Without the text branch (tool_choice) it must stand.
-                stands = not may_text or not copies_example(spec, call.arguments, conversation)
-                if stands:
+                if not call.doubtful:
                     for event in [*reply.start(), *call_events(reply, call)]:
                         yield event
-                    made = {(call.name, call.arguments)}
+                    made.add((call.name, call.arguments))
                     async for later in found:
-                        # The reply has its call already: a doubtful one ends it instead.
-                        key = (later.name, later.arguments)
-                        if key in made or copies_example(by_name[later.name], later.arguments, conversation):
+                        if later.doubtful or (later.name, later.arguments) in made:
                             break
                         for event in call_events(reply, later):
                             yield event
-                        made.add(key)
-            if stands:
+                        made.add((later.name, later.arguments))
+            if made:
                 yield reply.completed()  # once the stream is closed: a rejected call stops generating
                 return
-            candidates = [other for other in candidates if other is not spec]
+            candidates = [other for other in candidates if other.name != call.name]
         async for event in relay_text(reply, await request(callable_specs, call=False, text=True), None):
             yield event
 

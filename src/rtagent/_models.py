@@ -12,9 +12,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import json
 import os
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
@@ -124,6 +127,19 @@ class ServedModel(Model):
             return OpenAIResponsesModel(model=self._name, openai_client=client)
         return OpenAIChatCompletionsModel(model=self._name, openai_client=client)
 
+    @contextlib.contextmanager
+    def pinned(self, settings: ModelSettings, prompt: Sequence[str]) -> Iterator[ModelSettings]:
+        """``settings`` naming the embedded server's slot for ``prompt`` (see ``_local.Slots``)."""
+        if self._server is None:
+            yield settings
+            return
+        with self._server.slots.take(prompt) as slot:
+            if slot is None:
+                yield settings
+                return
+            extra = dict(settings.extra_body) if isinstance(settings.extra_body, Mapping) else {}
+            yield dataclasses.replace(settings, extra_body={**extra, "id_slot": slot})
+
     async def get_response(
         self,
         system_instructions: str | None,
@@ -139,18 +155,20 @@ class ServedModel(Model):
         prompt: ResponsePromptParam | None,
     ) -> ModelResponse:
         target = await self._target()
-        return await target.get_response(
-            system_instructions,
-            input,
-            self._settings.resolve(model_settings),
-            tools,
-            output_schema,
-            handoffs,
-            tracing,
-            previous_response_id=previous_response_id,
-            conversation_id=conversation_id,
-            prompt=prompt,
-        )
+        settings = self._settings.resolve(model_settings)
+        with self.pinned(settings, _prompt_of(system_instructions, input)) as settings:
+            return await target.get_response(
+                system_instructions,
+                input,
+                settings,
+                tools,
+                output_schema,
+                handoffs,
+                tracing,
+                previous_response_id=previous_response_id,
+                conversation_id=conversation_id,
+                prompt=prompt,
+            )
 
     async def stream_response(
         self,
@@ -167,25 +185,32 @@ class ServedModel(Model):
         prompt: ResponsePromptParam | None,
     ) -> AsyncIterator[TResponseStreamEvent]:
         target = await self._target()
-        stream = target.stream_response(
-            system_instructions,
-            input,
-            self._settings.resolve(model_settings),
-            tools,
-            output_schema,
-            handoffs,
-            tracing,
-            previous_response_id=previous_response_id,
-            conversation_id=conversation_id,
-            prompt=prompt,
-        )
-        try:
-            async for event in stream:
-                yield event
-        finally:
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                await aclose()
+        settings = self._settings.resolve(model_settings)
+        with self.pinned(settings, _prompt_of(system_instructions, input)) as settings:
+            stream = target.stream_response(
+                system_instructions,
+                input,
+                settings,
+                tools,
+                output_schema,
+                handoffs,
+                tracing,
+                previous_response_id=previous_response_id,
+                conversation_id=conversation_id,
+                prompt=prompt,
+            )
+            try:
+                async for event in stream:
+                    yield event
+            finally:
+                aclose = getattr(stream, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+
+
+def _prompt_of(instructions: str | None, input: str | list[TResponseInputItem]) -> list[str]:
+    items = [input] if isinstance(input, str) else input
+    return [instructions or "", *(json.dumps(item, sort_keys=True, default=str) for item in items)]
 
 
 _resolved: dict[str, Model] = {}

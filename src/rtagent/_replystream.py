@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
@@ -73,18 +73,24 @@ class Call:
     name: str = ""
     pieces: list[str] = field(default_factory=list)
     chunks: list[ChatCompletionChunk] = field(default_factory=list)
+    doubtful: bool = False
+    """Rejected as it streamed (see ``read_calls``); its arguments may be cut off."""
 
     @property
     def arguments(self) -> str:
         return "".join(self.pieces)
 
 
-async def read_calls(stream: Chunks, limit: int) -> AsyncGenerator[Call, None]:
+async def read_calls(
+    stream: Chunks, limit: int, doubtful: Callable[[Call], bool] = lambda call: False
+) -> AsyncGenerator[Call, None]:
     """Each call of a call-only stream as soon as its arguments close, at most ``limit`` of them.
 
     The stream is read on only when the next call is asked for, so a caller that stops (at a
     call it rejects) leaves the rest unread; it is closed however this ends. After the last call
-    there is nothing to wait for: the rest is a brace and the end token.
+    there is nothing to wait for: the rest is a brace and the end token. A call that turns
+    ``doubtful`` as its arguments grow is handed over at once, marked, and ends the stream: its
+    remaining tokens would only delay what comes instead.
     """
     call, scanner, made = Call(), CallScanner(), 0
     try:
@@ -97,6 +103,10 @@ async def read_calls(stream: Chunks, limit: int) -> AsyncGenerator[Call, None]:
                 call.name = name or call.name
                 if piece:
                     call.pieces.append(piece)
+                    if doubtful(call):
+                        call.doubtful = True
+                        yield call
+                        return
                 if not closed:
                     break
                 yield call

@@ -160,12 +160,13 @@ def copies_example(spec: ToolSpec, arguments: str, conversation: str) -> bool:
     That is how a small model fills a call it had no business making ("what are your opening
     hours?" -> ``get_order_status("X-7731")``) or one for the wrong tool ("what is 2 + 2?" ->
     ``get_weather("Oslo")``): with nothing to copy from the request, it copies the example.
-    A value the user really gave (they asked about Oslo) is not a copy.
+    A value the user really gave (they asked about Oslo) is not a copy. ``arguments`` may be cut
+    off mid-way, as they stream: then the string values already closed are judged.
     """
     try:
         given = json.loads(arguments)
     except ValueError:
-        return False
+        given = {key: json.loads(f'"{value}"') for key, value in _CLOSED_STRING.findall(arguments)}
     if not isinstance(given, dict):
         return False
     properties = spec.parameters.get("properties", {})
@@ -177,6 +178,10 @@ def copies_example(spec: ToolSpec, arguments: str, conversation: str) -> bool:
         if _squeezed(value) == _squeezed(str(sample)) and _squeezed(value) not in said:
             return True
     return False
+
+
+# A string value the grammar has closed: ``"key": "value"`` and the separator or brace after it.
+_CLOSED_STRING = re.compile(r'"((?:[^"\\]|\\.)*)": "((?:[^"\\]|\\.)*)"(?=[,}])')
 
 
 def _squeezed(text: str) -> str:
@@ -193,16 +198,23 @@ def grammar(
 
     ``end_token`` is the id of the template's end-of-turn token: llguidance does not end a free
     text rule by itself, and without it every plain reply ran to the length cap.
+
+    With both branches open the request only decides: a reply that starts a call is dropped at
+    its first token and asked for again without the text branch. Its call is then just ``{...``:
+    llama.cpp compiles a request's grammar before its first token, and a full schema (an enum, a
+    second tool) cost up to 50 ms of every plain reply's time to first token.
     """
     calls = "call" if max_calls == 1 else "calls"
     branches = [calls] * (call and bool(specs)) + ["text"] * text
     if not branches:
         raise ValueError("a grammar needs the call or the text branch")
     lines = ["%llguidance {}", "start: " + " | ".join(branches)]
-    if calls in branches:
+    if calls in branches and text:
+        lines.append(rf"call: /{re.escape(CALL_START)}(.|\n)*/")
+    elif calls in branches:
         lines.append("call: %json " + json.dumps(call_schema(specs), separators=(",", ":")))
-        if max_calls > 1:
-            lines.append(f"calls: call ({json.dumps(CALL_SEPARATOR)} call){{0,{max_calls - 1}}}")
+    if calls in branches and max_calls > 1:
+        lines.append(f"calls: call ({json.dumps(CALL_SEPARATOR)} call){{0,{max_calls - 1}}}")
     if text:
         lines.append(rf"text: /[^{re.escape(CALL_START)}\s](.|\n)*/ <[{end_token}]>")
     return "\n".join(lines) + "\n"
