@@ -42,7 +42,6 @@ import uvicorn
 from agents import Agent, RunConfig, Runner, set_tracing_disabled
 from agents.items import ModelResponse, TResponseInputItem, TResponseStreamEvent
 from agents.models.interface import Model
-from openai.types.responses import Response as ModelOutput
 from openai.types.responses import (
     ResponseCompletedEvent,
     ResponseContentPartAddedEvent,
@@ -56,9 +55,7 @@ from openai.types.responses import (
     ResponseOutputText,
     ResponseTextDeltaEvent,
     ResponseTextDoneEvent,
-    ResponseUsage,
 )
-from openai.types.responses.response_usage import InputTokensDetails, OutputTokensDetails
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -66,6 +63,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rtagent._limits import Limits
+from rtagent._replyevents import response
 from rtagent._server import create_app
 from rtagent.testing import ScriptedModel, Step, reply
 
@@ -103,7 +101,7 @@ class StreamingModel(Model):
         sequence = itertools.count()
         item_id = f"msg_{number}"
         where: dict[str, Any] = {"item_id": item_id, "output_index": 0, "content_index": 0}
-        started = _response(number, [], None)
+        started = response(f"resp_{number}", "load-bench", [], "in_progress")
         yield ResponseCreatedEvent(type="response.created", response=started, sequence_number=next(sequence))
         yield ResponseInProgressEvent(
             type="response.in_progress", response=started, sequence_number=next(sequence)
@@ -139,7 +137,7 @@ class StreamingModel(Model):
         yield ResponseOutputItemDoneEvent(
             type="response.output_item.done", item=done, output_index=0, sequence_number=next(sequence)
         )
-        completed = _response(number, [done], tokens)
+        completed = response(f"resp_{number}", "load-bench", [done], "completed", output_tokens=tokens)
         yield ResponseCompletedEvent(
             type="response.completed", response=completed, sequence_number=next(sequence)
         )
@@ -152,31 +150,6 @@ def _text(text: str) -> ResponseOutputText:
 def _message(item_id: str, text: str, status: Literal["in_progress", "completed"]) -> ResponseOutputMessage:
     content: list[ResponseOutputText | ResponseOutputRefusal] = [_text(text)] if status == "completed" else []
     return ResponseOutputMessage(type="message", id=item_id, role="assistant", status=status, content=content)
-
-
-def _response(number: int, output: list[ResponseOutputMessage], tokens: int | None) -> ModelOutput:
-    usage = None
-    if tokens is not None:
-        usage = ResponseUsage(
-            input_tokens=0,
-            input_tokens_details=InputTokensDetails(cached_tokens=0, cache_write_tokens=0),
-            output_tokens=tokens,
-            output_tokens_details=OutputTokensDetails(reasoning_tokens=0),
-            total_tokens=tokens,
-        )
-    return ModelOutput(
-        id=f"resp_{number}",
-        created_at=0,
-        model="load-bench",
-        object="response",
-        output=list(output),
-        tool_choice="auto",
-        tools=[],
-        top_p=None,
-        parallel_tool_calls=True,
-        status="completed" if tokens is not None else "in_progress",
-        usage=usage,
-    )
 
 
 class EndlessModel(ScriptedModel):

@@ -8,6 +8,7 @@ model from a hosted one.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from typing import Literal
 
 from agents.items import TResponseOutputItem, TResponseStreamEvent
@@ -203,26 +204,50 @@ class ReplyEvents:
         )
 
     def _response(self, status: Literal["in_progress", "completed"]) -> Response:
-        usage = ResponseUsage(
+        return response(
+            self._id,
+            self._model,
+            self._output,
+            status,
             input_tokens=self._input_tokens,
-            input_tokens_details=InputTokensDetails(cached_tokens=0, cache_write_tokens=0),
-            output_tokens=self._output_tokens,
-            output_tokens_details=OutputTokensDetails(reasoning_tokens=0),
-            total_tokens=self._input_tokens + self._output_tokens,
-        )
-        return Response(
-            id=self._id,
-            created_at=0,
-            model=self._model,
-            object="response",
-            output=list(self._output),
-            tool_choice="auto",
-            tools=[],
-            top_p=None,
+            output_tokens=self._output_tokens if status == "completed" else None,
             parallel_tool_calls=self._parallel_tool_calls,
-            status=status,
-            usage=usage if status == "completed" else None,
         )
+
+
+def response(
+    id: str,
+    model: str,
+    output: Sequence[TResponseOutputItem],
+    status: Literal["in_progress", "completed"],
+    *,
+    input_tokens: int = 0,
+    output_tokens: int | None = None,
+    parallel_tool_calls: bool = True,
+) -> Response:
+    """A streamed reply's ``Response``, as the Responses API reports it; usage once it is known."""
+    usage = None
+    if output_tokens is not None:
+        usage = ResponseUsage(
+            input_tokens=input_tokens,
+            input_tokens_details=InputTokensDetails(cached_tokens=0, cache_write_tokens=0),
+            output_tokens=output_tokens,
+            output_tokens_details=OutputTokensDetails(reasoning_tokens=0),
+            total_tokens=input_tokens + output_tokens,
+        )
+    return Response(
+        id=id,
+        created_at=0,
+        model=model,
+        object="response",
+        output=list(output),
+        tool_choice="auto",
+        tools=[],
+        top_p=None,
+        parallel_tool_calls=parallel_tool_calls,
+        status=status,
+        usage=usage,
+    )
 
 
 def _text_part(text: str) -> ResponseOutputText:

@@ -34,7 +34,6 @@ from agents.testing import ScriptedModel as _SDKScriptedModel
 from agents.testing.model import ModelResponder, ModelScriptItem, ModelStepResult
 from agents.usage import Usage
 from openai.types.responses import (
-    Response,
     ResponseCompletedEvent,
     ResponseContentPartAddedEvent,
     ResponseContentPartDoneEvent,
@@ -49,9 +48,9 @@ from openai.types.responses import (
     ResponseOutputText,
     ResponseTextDeltaEvent,
     ResponseTextDoneEvent,
-    ResponseUsage,
 )
-from openai.types.responses.response_usage import InputTokensDetails, OutputTokensDetails
+
+from ._replyevents import response
 
 __all__ = ["Call", "ScriptedModel", "Step", "StreamLog", "call", "fail", "reply", "tool_calls"]
 
@@ -280,7 +279,7 @@ def _events(step: Step, number: int) -> list[tuple[TResponseStreamEvent, bool]]:
         type_ = get_args(kind.model_fields["type"].annotation)[0]
         events.append((kind(type=type_, sequence_number=len(events), **fields), is_delta))
 
-    started = _response(number, [], None, "in_progress")
+    started = response(f"resp_{number}", "rtagent-scripted", [], "in_progress")
     add(ResponseCreatedEvent, response=started)
     add(ResponseInProgressEvent, response=started)
     output = _output(step, number)
@@ -305,7 +304,8 @@ def _events(step: Step, number: int) -> list[tuple[TResponseStreamEvent, bool]]:
             # The live API also sends the name; newer openai types keep it as an extra field.
             add(ResponseFunctionCallArgumentsDoneEvent, arguments=item.arguments, name=item.name, **where)
         add(ResponseOutputItemDoneEvent, item=item.model_copy(deep=True), output_index=index)
-    add(ResponseCompletedEvent, response=_response(number, output, step.deltas, "completed"))
+    done = response(f"resp_{number}", "rtagent-scripted", output, "completed", output_tokens=step.deltas)
+    add(ResponseCompletedEvent, response=done)
     return events
 
 
@@ -334,36 +334,6 @@ def _output(step: Step, number: int) -> list[TResponseOutputItem]:
         for c in step.calls
     )
     return output
-
-
-def _response(
-    number: int,
-    output: list[TResponseOutputItem],
-    tokens: int | None,
-    status: Literal["in_progress", "completed"],
-) -> Response:
-    usage = None
-    if tokens is not None:
-        usage = ResponseUsage(
-            input_tokens=0,
-            input_tokens_details=InputTokensDetails(cached_tokens=0, cache_write_tokens=0),
-            output_tokens=tokens,
-            output_tokens_details=OutputTokensDetails(reasoning_tokens=0),
-            total_tokens=tokens,
-        )
-    return Response(
-        id=f"resp_{number}",
-        created_at=0,
-        model="rtagent-scripted",
-        object="response",
-        output=output,
-        tool_choice="auto",
-        tools=[],
-        top_p=None,
-        parallel_tool_calls=True,
-        status=status,
-        usage=usage,
-    )
 
 
 # Pydantic builds the openai models' validators on first use (~0.1 s); pay that at import so it
