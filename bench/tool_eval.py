@@ -31,6 +31,7 @@ from typing import Any
 
 os.environ.setdefault("OPENAI_AGENTS_DISABLE_TRACING", "1")
 
+import httpx
 from agents import ModelSettings
 from agents.models.interface import Model
 
@@ -38,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "evals
 from eval_agents import AGENTS
 from eval_runner import CAP, Reply, evaluate, load_rows, reply_to
 
-from rtagent._local import CLIENT_HEADERS, default_model_path, shared_server
+from rtagent._local import CLIENT_HEADERS, LocalServer, default_model_path, shared_server
 from rtagent._models import LOCAL_SETTINGS, ServedModel, parse_spec
 
 
@@ -51,25 +52,40 @@ def _ms(values: list[float]) -> dict[str, float]:
     }
 
 
-async def first_text(models: dict[str, Model], rows: list[dict[str, Any]], reps: int) -> dict[str, Any]:
+async def first_text(
+    models: dict[str, Model], rows: list[dict[str, Any]], reps: int, server: LocalServer
+) -> dict[str, Any]:
     """Time to the first text delta of the same plain messages, per agent in blocks.
 
     A block is one model answering all of an agent's messages after a warm-up request, like the
     turns of one chat. The models alternate by block, not by message: both prompts share the
     agent's instructions, so llama.cpp would put them in the same slot and each would evict the
-    other's cached prefix, which no real chat does.
+    other's cached prefix, which no real chat does. Each stream is closed at its first text
+    delta, and the next message is sent once the server has stopped generating, as in a chat,
+    where the next message follows the reply: sent at once, it would wait for the slot that the
+    closed stream holds until the server notices, a token later.
     """
     seconds: dict[str, dict[str, list[float]]] = {name: {} for name in models}
-    for rep in range(reps):
-        order = list(models.items()) if rep % 2 == 0 else list(models.items())[::-1]
-        for key, agent in AGENTS.items():
-            messages = [row["message"] for row in rows if row["agent"] == key]
-            for name, model in order if messages else ():
-                await reply_to(model, agent, "hello", first_text_only=True)
-                for message in messages:
-                    reply = await reply_to(model, agent, message, first_text_only=True)
-                    if reply.first_text_s is not None:
-                        seconds[name].setdefault(message, []).append(reply.first_text_s)
+    headers = {"Authorization": f"Bearer {server.api_key}"}
+    async with httpx.AsyncClient(base_url=server.address, headers=headers) as http:
+
+        async def idle() -> None:
+            for _ in range(5000):  # polled (the server's own state), for 10 s at most
+                if not any(slot["is_processing"] for slot in (await http.get("/slots")).json()):
+                    return
+                await asyncio.sleep(0.002)
+
+        for rep in range(reps):
+            order = list(models.items()) if rep % 2 == 0 else list(models.items())[::-1]
+            for key, agent in AGENTS.items():
+                messages = [row["message"] for row in rows if row["agent"] == key]
+                for name, model in order if messages else ():
+                    await reply_to(model, agent, "hello", first_text_only=True)
+                    for message in messages:
+                        await idle()
+                        reply = await reply_to(model, agent, message, first_text_only=True)
+                        if reply.first_text_s is not None:
+                            seconds[name].setdefault(message, []).append(reply.first_text_s)
     result: dict[str, Any] = {
         name: _ms([value for values in per_message.values() for value in values])
         for name, per_message in seconds.items()
@@ -109,7 +125,9 @@ async def main(split: str, reps: int) -> dict[str, Any]:
         for row, reply in zip(rows, replies["adapter"], strict=True)
         if row["tool"] is None and reply.call_name is None
     ]
-    report["first_text"] = await first_text({"adapter": adapter, "plain": plain}, answered_in_text, reps)
+    report["first_text"] = await first_text(
+        {"adapter": adapter, "plain": plain}, answered_in_text, reps, server
+    )
     report["first_text"]["plain_rows_measured"] = len(answered_in_text)
     report["wall_s"] = round(time.perf_counter() - started, 1)
     return report
