@@ -128,7 +128,7 @@ class ServedModel(Model):
         return OpenAIChatCompletionsModel(model=self._name, openai_client=client)
 
     @contextlib.contextmanager
-    def pinned(self, settings: ModelSettings, prompt: Sequence[str]) -> Iterator[ModelSettings]:
+    def _pinned(self, settings: ModelSettings, prompt: Sequence[str]) -> Iterator[ModelSettings]:
         """``settings`` naming the embedded server's slot for ``prompt`` (see ``_local.Slots``)."""
         if self._server is None:
             yield settings
@@ -156,7 +156,7 @@ class ServedModel(Model):
     ) -> ModelResponse:
         target = await self._target()
         settings = self._settings.resolve(model_settings)
-        with self.pinned(settings, _prompt_of(system_instructions, input)) as settings:
+        with self._pinned(settings, _prompt_of(system_instructions, input)) as settings:
             return await target.get_response(
                 system_instructions,
                 input,
@@ -186,7 +186,7 @@ class ServedModel(Model):
     ) -> AsyncIterator[TResponseStreamEvent]:
         target = await self._target()
         settings = self._settings.resolve(model_settings)
-        with self.pinned(settings, _prompt_of(system_instructions, input)) as settings:
+        with self._pinned(settings, _prompt_of(system_instructions, input)) as settings:
             stream = target.stream_response(
                 system_instructions,
                 input,
