@@ -207,7 +207,7 @@ class AdaptedModel(ServedModel):
         past = history(input)
         messages = [*prefix(instructions, specs), *past]
         # Every request of the reply has this prompt, so they all go to the slot that caches it.
-        with self._pinned(settings, [f"{m['role']}: {m['content']}" for m in messages]) as settings:
+        with self._pinned(settings, (f"{m['role']}: {m['content']}" for m in messages)) as settings:
             async for event in self._reply(template, settings, specs, input, past, messages):
                 yield event
 

@@ -22,7 +22,7 @@ import secrets
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -205,7 +205,7 @@ class Slots:
         self._released = [0.0] * count
 
     @contextlib.contextmanager
-    def take(self, prompt: Sequence[str]) -> Iterator[int | None]:
+    def take(self, prompt: Iterable[str]) -> Iterator[int | None]:
         key = tuple(prompt)
         with self._lock:
             free = [slot for slot, holders in enumerate(self._holders) if not holders]

@@ -17,7 +17,7 @@ import dataclasses
 import json
 import os
 import weakref
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
@@ -128,8 +128,12 @@ class ServedModel(Model):
         return OpenAIChatCompletionsModel(model=self._name, openai_client=client)
 
     @contextlib.contextmanager
-    def _pinned(self, settings: ModelSettings, prompt: Sequence[str]) -> Iterator[ModelSettings]:
-        """``settings`` naming the embedded server's slot for ``prompt`` (see ``_local.Slots``)."""
+    def _pinned(self, settings: ModelSettings, prompt: Iterable[str]) -> Iterator[ModelSettings]:
+        """``settings`` naming the embedded server's slot for ``prompt`` (see ``_local.Slots``).
+
+        ``prompt`` is only read for an embedded server: pass a generator, so a remote model's
+        requests pay nothing for it.
+        """
         if self._server is None:
             yield settings
             return
@@ -208,9 +212,10 @@ class ServedModel(Model):
                     await aclose()
 
 
-def _prompt_of(instructions: str | None, input: str | list[TResponseInputItem]) -> list[str]:
-    items = [input] if isinstance(input, str) else input
-    return [instructions or "", *(json.dumps(item, sort_keys=True, default=str) for item in items)]
+def _prompt_of(instructions: str | None, input: str | list[TResponseInputItem]) -> Iterator[str]:
+    yield instructions or ""
+    for item in [input] if isinstance(input, str) else input:
+        yield json.dumps(item, sort_keys=True, default=str)
 
 
 _resolved: dict[str, Model] = {}
