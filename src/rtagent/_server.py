@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from agents import Agent, SQLiteSession
+from agents.memory import SessionSettings
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -77,17 +78,20 @@ class _Session(SQLiteSession):
     The SDK opens a connection per session and per worker thread, yet every operation on a file
     holds one process-wide lock: a thousand conversations held thousands of file descriptors (and
     paid a connect each) for no added concurrency. Here every session uses one connection, under
-    one lock.
+    one lock. ``SQLiteSession.__init__`` is not called: it would open, configure and run the
+    schema on a connection of its own for every conversation (0.2 ms, in a worker thread), and
+    none of its other state is used with the connection overridden.
     """
 
     def __init__(self, session_id: str, db: _Database) -> None:
-        super().__init__(session_id, db.path)
+        self.session_id = session_id
+        self.session_settings = SessionSettings()
+        self.db_path = db.path
+        self.sessions_table = "agent_sessions"
+        self.messages_table = "agent_messages"
         self._lock = db.lock
+        self._closed = False
         self._db = db
-        with db.lock:
-            if not db.ready:  # the tables, on this connection (for ":memory:", the only place)
-                self._init_db_for_connection(db.connection)
-                db.ready = True
 
     def _get_connection(self) -> sqlite3.Connection:
         self._check_not_closed()
@@ -96,6 +100,9 @@ class _Session(SQLiteSession):
     def _invalidate_connection(self, conn: sqlite3.Connection) -> None:
         pass  # the SDK would close it after a failed rollback; shared, it must stay open
 
+    def close(self) -> None:
+        self._closed = True  # the connection is the server's, closed with it
+
 
 class _Database:
     def __init__(self, path: str) -> None:
@@ -103,7 +110,8 @@ class _Database:
         self.lock = threading.RLock()
         self.connection = sqlite3.connect(path, check_same_thread=False)
         SQLiteSession._configure_connection(self.connection)
-        self.ready = False
+        # The SDK's tables, once, on this connection (for ":memory:" the only place they exist).
+        _Session("", self)._init_db_for_connection(self.connection)
 
 
 class _Server:
@@ -131,18 +139,14 @@ class _Server:
 
     # -- conversations --------------------------------------------------------------------------
 
-    async def chat(self, thread_id: str) -> Chat:
+    def chat(self, thread_id: str) -> Chat:
         chat = self._chats.get(thread_id)
         if chat is None:
-            # Opening the session touches the file (schema, WAL): not on the event loop.
-            session = await asyncio.to_thread(_Session, thread_id, self.db)
-            chat = self._chats.get(thread_id)  # another request may have loaded it meanwhile
-            if chat is None:
-                self._make_room()
-                chat = self._chats[thread_id] = Chat(
-                    self.agent, session=session, policy=self.policy, model=self.model
-                )
-                self.metrics.sessions.set(len(self._chats))
+            self._make_room()
+            session = _Session(thread_id, self.db)  # no I/O: the history is read when a turn needs it
+            chat = Chat(self.agent, session=session, policy=self.policy, model=self.model)
+            self._chats[thread_id] = chat
+            self.metrics.sessions.set(len(self._chats))
         self._chats.move_to_end(thread_id)
         return chat
 
@@ -158,14 +162,14 @@ class _Server:
     async def known_chat(self, thread_id: str) -> Chat:
         """The chat of a thread that exists (is loaded or has history), else 404."""
         loaded = thread_id in self._chats
-        chat = await self.chat(check_thread_id(thread_id))
+        chat = self.chat(check_thread_id(thread_id))
         if not loaded and not await chat.session.get_items(limit=1):
             self._chats.pop(thread_id, None)
             raise InputError(f"no conversation with thread id {thread_id!r}", 404, "unknown_thread")
         return chat
 
     async def start_run(self, thread_id: str, run_id: str, text: str | None) -> AguiRun:
-        chat = await self.chat(thread_id)
+        chat = self.chat(thread_id)
         turn = None
         if text is not None:
             if self._active >= self.limits.max_turns:
