@@ -12,14 +12,16 @@ import json
 import math
 import os
 import re
+import secrets
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pexpect
 import pytest
-from agents import Agent, ModelSettings, RunConfig, function_tool
+from agents import Agent, ModelSettings, RunConfig, RunContextWrapper, function_tool
 from agents.items import TResponseInputItem
 from agents.models.interface import ModelTracing
 from openai import omit
@@ -35,7 +37,9 @@ from openai.types.responses import (
 import rtagent
 from rtagent import _adapter
 from rtagent._adapter import AdaptedModel, Template
+from rtagent._local import default_model_path, shared_server
 from rtagent._models import LOCAL_SETTINGS, ServedModel
+from rtagent._toolprompt import prefix, tool_specs
 from rtagent.demo import agent as demo_agent
 
 sys.path.insert(0, str(Path(__file__).parent / "evals"))
@@ -622,3 +626,28 @@ def test_the_terminal_chat_shows_the_tool_for_paris_and_answers_two_plus_two(
     assert "✓ delayed_lookup" not in shown
     answer = shown.rpartition("\x1b[K")[2]  # what is left once the status line is erased
     assert re.search(r"\w", answer)
+
+
+@pytest.mark.model
+async def test_warming_reads_the_agents_tool_prompt_into_the_cache() -> None:
+    @function_tool
+    def find_book(title: str) -> str:
+        """Find a book in the library."""
+        return "shelf 3"
+
+    # Unique instructions: no slot holds this prompt from an earlier test.
+    agent = Agent(name="librarian", instructions=f"Library {secrets.token_hex(4)}.", tools=[find_book])
+    local = rtagent._models.parse_spec("local")
+    assert isinstance(local, AdaptedModel)
+    await local.warm(agent)
+    server = shared_server(default_model_path())
+    instructions = await agent.get_system_prompt(RunContextWrapper(None))
+    messages = [*prefix(instructions, tool_specs(agent.tools, [])), {"role": "user", "content": "Dune?"}]
+    with server.slots.take(f"{m['role']}: {m['content']}" for m in messages) as slot:
+        auth = {"Authorization": f"Bearer {server.api_key}"}
+        async with httpx.AsyncClient(base_url=server.address, headers=auth) as http:
+            body = {"messages": messages, "max_tokens": 1, "id_slot": slot}
+            answer = (await http.post("/v1/chat/completions", json=body)).raise_for_status().json()
+    timings = answer["timings"]
+    assert timings["cache_n"] > 100  # the tool prompt and examples were already read
+    assert timings["prompt_n"] < 20  # only the new message was

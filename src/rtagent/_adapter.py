@@ -36,12 +36,13 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, cast
 
 import httpx
+from agents import Agent, RunContextWrapper
 from agents.agent_output import AgentOutputSchemaBase
 from agents.exceptions import ModelBehaviorError
 from agents.handoffs import Handoff
@@ -179,6 +180,32 @@ class AdaptedModel(ServedModel):
                 )
         raise ModelBehaviorError("the local model's stream ended without a response")
 
+    async def warm(self, agent: Agent[Any] | None = None) -> None:
+        """The server, and the agent's tool prompt read into a slot's cache before the first message.
+
+        The prompt and worked examples are some 150-200 tokens that every request of the agent
+        starts with; read cold, SmolLM2 takes over a second on one core, which the first reply
+        would wait for.
+        """
+        await super().warm()
+        specs = tool_specs(agent.tools, []) if agent is not None and not agent.handoffs else []
+        if agent is None or not specs or (await self.template()).native_tools:
+            return
+        try:
+            instructions = await agent.get_system_prompt(RunContextWrapper(None))
+        except Exception:  # instructions that need a run's context: nothing to read ahead
+            return
+        messages = prefix(instructions, specs)
+        with self._pinned(ModelSettings(), _prompt_key(messages)) as settings:
+            root, key = await self._address()
+            await pooled_client(f"{root}/v1", key).chat.completions.create(
+                model=self._name or "local",
+                messages=cast("list[ChatCompletionMessageParam]", messages),
+                max_tokens=1,
+                extra_body=settings.extra_body,
+                extra_headers=CLIENT_HEADERS,
+            )
+
     async def template(self) -> Template:
         if self._template is None:
             root, key = await self._address()
@@ -207,7 +234,7 @@ class AdaptedModel(ServedModel):
         past = history(input)
         messages = [*prefix(instructions, specs), *past]
         # Every request of the reply has this prompt, so they all go to the slot that caches it.
-        with self._pinned(settings, (f"{m['role']}: {m['content']}" for m in messages)) as settings:
+        with self._pinned(settings, _prompt_key(messages)) as settings:
             async for event in self._reply(template, settings, specs, input, past, messages):
                 yield event
 
@@ -277,6 +304,10 @@ class AdaptedModel(ServedModel):
             candidates = [other for other in candidates if other.name != call.name]
         async for event in relay_text(reply, await request(callable_specs, call=False, text=True), None):
             yield event
+
+
+def _prompt_key(messages: Sequence[Mapping[str, str]]) -> Iterator[str]:
+    return (f"{message['role']}: {message['content']}" for message in messages)
 
 
 def _adaptable(

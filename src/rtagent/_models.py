@@ -105,8 +105,9 @@ class ServedModel(Model):
     def __str__(self) -> str:
         return self.label
 
-    async def warm(self) -> None:
-        """Start what the first request would otherwise wait for (the in-process server)."""
+    async def warm(self, agent: Agent[Any] | None = None) -> None:
+        """Start what the first request would otherwise wait for: the in-process server, and
+        (where a model adds a fixed prompt of its own to ``agent``'s) that prompt in its cache."""
         if self._server is not None:
             await self._server.start()
 

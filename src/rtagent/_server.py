@@ -302,7 +302,7 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         warm = getattr(server.model, "warm", None)
         if warm is not None:  # the embedded model starts now, not on the first person's message
-            await warm()
+            await warm(server.agent)
         # The SDK, openai and pydantic leave some 200,000 objects that live as long as the process;
         # every full collection walked them all, pausing every stream for up to half a second
         # (bench/load.py). Frozen, the collector only sees what the conversations allocate.

@@ -391,7 +391,7 @@ async def _load(reference: str | None, spec: str | None) -> _Loaded:
     from ._models import ServedModel
 
     if isinstance(model, ServedModel):
-        await model.warm()
+        await model.warm(agent)
         label = model.label
     else:
         label = agent.model if isinstance(agent.model, str) and agent.model else type(model).__name__
