@@ -94,7 +94,12 @@ async def test_embedded_model_streams_and_remembers_the_conversation() -> None:
         run_config=RunConfig(call_model_input_filter=capture),
     )
     assert second.text.strip()
-    texts = [str(item.get("content")) for item in seen]
+    # An assistant item's content is a list of parts: its text, not its repr (which escapes
+    # newlines and quotes in the reply), is what must hold the first reply.
+    texts = [
+        "".join(part["text"] for part in content) if isinstance(content, list) else str(content)
+        for content in (item.get("content") for item in seen)
+    ]
     assert "My name is Ada. Say hello to me." in texts[0]
     assert turn.result.text in texts[1]
     assert "What is my name?" in texts[2]
