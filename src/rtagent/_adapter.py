@@ -57,7 +57,7 @@ from openai.types.responses import ResponseCompletedEvent
 from openai.types.responses.response_prompt_param import ResponsePromptParam
 
 from ._local import CLIENT_HEADERS
-from ._models import ServedModel, pooled_client
+from ._models import ServedModel, body_fields, pooled_client
 from ._replyevents import ReplyEvents
 from ._replystream import Call, Chunks, call_events, content, first_content, read_calls, relay_text
 from ._toolprompt import (
@@ -331,7 +331,7 @@ async def _open(
     penalty: bool,
 ) -> Chunks:
     """One streamed request under the grammar ``rules``, with or without the repetition penalties."""
-    extra: dict[str, Any] = dict(settings.extra_body) if isinstance(settings.extra_body, Mapping) else {}
+    extra = body_fields(settings)
     extra["grammar"] = rules
     if not penalty:
         extra["repeat_penalty"] = 1.0  # see the module docstring: it spoils copied arguments

@@ -142,8 +142,7 @@ class ServedModel(Model):
             if slot is None:
                 yield settings
                 return
-            extra = dict(settings.extra_body) if isinstance(settings.extra_body, Mapping) else {}
-            yield dataclasses.replace(settings, extra_body={**extra, "id_slot": slot})
+            yield dataclasses.replace(settings, extra_body={**body_fields(settings), "id_slot": slot})
 
     async def get_response(
         self,
@@ -211,6 +210,11 @@ class ServedModel(Model):
                 aclose = getattr(stream, "aclose", None)
                 if aclose is not None:
                     await aclose()
+
+
+def body_fields(settings: ModelSettings) -> dict[str, Any]:
+    """A copy of the settings' extra request-body fields (``extra_body`` may be unset or any mapping)."""
+    return dict(settings.extra_body) if isinstance(settings.extra_body, Mapping) else {}
 
 
 def _prompt_of(instructions: str | None, input: str | list[TResponseInputItem]) -> Iterator[str]:
