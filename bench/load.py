@@ -81,6 +81,7 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_NS = (100, 250, 500, 750, 1000, 1250, 1500, 2000, 2500, 3000, 4000)
 QUICK_NS = (20, 50, 100)
 SERVERS = ("rtagent", "baseline")
+WORKERS = {"rtagent": os.cpu_count() or 1, "baseline": 1}
 # What each server's stream looks like to a client: the path, the text-event marker, the end marker.
 WIRE = {
     "rtagent": ("/agui", '"type":"TEXT_MESSAGE_CONTENT"', '"type":"RUN_FINISHED"'),
@@ -111,17 +112,34 @@ def _percentile(ordered: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def _tree(pid: int) -> list[int]:
+    """The process and its descendants (a server's uvicorn workers)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return [pid]
+    return [pid, *(p for child in children for p in _tree(int(child)))]
+
+
 def _cpu_seconds(pid: int) -> tuple[float, float]:
-    """The process's user and system CPU seconds so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS  # utime, stime
+    """The user and system CPU seconds so far of the process and its workers."""
+    user = system = 0.0
+    for each in _tree(pid):
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
+            user += int(fields[11]) / CLOCK_TICKS
+            system += int(fields[12]) / CLOCK_TICKS
+    return user, system
 
 
 def _rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    return 0.0
+    total = 0
+    for each in _tree(pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{each}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return round(total / 1024, 1)
 
 
 @dataclass
@@ -147,6 +165,7 @@ def _start_server(name: str, args: argparse.Namespace, db: str, profile: bool) -
         env["LOAD_MODEL"] = "scripted"
     if args.sqlite_sync != "default":
         env["LOAD_SQLITE_SYNC"] = args.sqlite_sync.upper()
+    env["LOAD_WORKERS"] = str(args.workers[name])
     command = [sys.executable, str(HERE / "load_servers.py"), name, str(port), str(args.interval), db]
     process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL)
     return Server(name, process, port)
@@ -340,7 +359,8 @@ def _step(server: Server, clients: Clients, n: int, args: argparse.Namespace, la
         "server_cpu_ms_per_session": round(server_cpu / n * 1e3, 3),
         "server_cpu_us_per_token": round(server_cpu / (n * tokens) * 1e6, 1),
         "server_rss_mib": _rss_mib(pid),
-        "server_gc": _gc_delta(gc_before, gc_after, wall),
+        # With several workers the two answers may come from different processes.
+        "server_gc": _gc_delta(gc_before, gc_after, wall) if args.workers[server.name] == 1 else None,
         "client_lag_ms": {"p50": lag["p50"], "p99": lag["p99"], "max": lag["max"]},
         "client_cpu_util": [round(answer["cpu_s"] / wall, 3) for answer in answers] if wall > 0 else None,
         "load_avg_1m": round(os.getloadavg()[0], 2),
@@ -358,12 +378,13 @@ def _record(server: Server, result: dict[str, Any]) -> None:
     elif server.bad is None or n < server.bad:
         server.bad = n
     gap, every, ttft = result["added_gap_ms"], result["added_gap_all_ms"], result["ttft_ms"]
+    gc_share = (result["server_gc"] or {}).get("share_of_wall")
     print(
         f"{server.name:8} N={n:5}  plateau p50 {gap['p50']} p99 {gap['p99']} max {gap['max']} ms | "
         f"all p99 {every['p99']} | ttft p50 {ttft['p50']} p99 {ttft['p99']} | "
         f"late {result['late_sessions']} | errors {result['errors']} | "
         f"cpu {result['server_cpu_util']} ({result['server_cpu_us_per_token']} us/token) | "
-        f"gc {result['server_gc']['share_of_wall']} | lag p99 {result['client_lag_ms']['p99']} | "
+        f"gc {gc_share} | lag p99 {result['client_lag_ms']['p99']} | "
         f"load {result['load_avg_1m']} | "
         f"{'pass' if result['pass'] else 'FAIL'}",
         file=sys.stderr,
@@ -448,6 +469,7 @@ def _run(args: argparse.Namespace, fd_limit: dict[str, int]) -> dict[str, Any]:
             "rtagent_db": args.rtagent_db,
             "rtagent_sqlite_synchronous": args.sqlite_sync,
             "client_processes": args.clients,
+            "server_workers": {server.name: args.workers[server.name] for server in servers},
             "repeats_per_step": args.repeats,
             "model": args.model,
             "gc_freeze": args.gc_freeze,
@@ -494,6 +516,13 @@ def main() -> None:
         "--settle", type=float, default=0.5, help="seconds after the last start before measuring"
     )
     parser.add_argument("--clients", type=int, default=2, help="load-generator processes")
+    parser.add_argument(
+        "--workers",
+        type=lambda text: {**WORKERS, **{k: int(v) for k, v in (p.split("=") for p in text.split(","))}},
+        default=WORKERS,
+        help="worker processes per server, e.g. rtagent=2,baseline=1 (the default: rtagent one per core, "
+        "as `rtagent serve --workers` runs it; the baseline one, as the SDK documentation runs it)",
+    )
     parser.add_argument(
         "--repeats", type=int, default=None, help="runs per N and server; the best counts (2)"
     )

@@ -21,7 +21,9 @@ objects alive after start-up out of the garbage collector's view (``freeze_after
 ``LOAD_GC_LOG=1`` prints every full collection, with its duration, to stderr. Either server also
 answers ``GET /load/gc`` with the time its garbage collector took so far (``GcStats``);
 ``LOAD_GC_THRESHOLD=A,B,C`` calls ``gc.set_threshold(A, B, C)``;
-``LOAD_SQLITE_SYNC=NORMAL`` sets ``PRAGMA synchronous`` on rtagent's database connection.
+``LOAD_SQLITE_SYNC=NORMAL`` sets ``PRAGMA synchronous`` on rtagent's database connection;
+``LOAD_WORKERS=N`` runs N worker processes on the port, as ``rtagent serve --workers N`` does
+(rtagent's share the database through ``create_app(peers=...)``; the baseline keeps no state).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from typing import Any, Literal
@@ -194,11 +197,13 @@ def _requested_tokens(model_input: str | list[Any]) -> int:
     return int(match.group(1)) if match else DEFAULT_TOKENS
 
 
-def rtagent_app(interval: float, db_path: str, synchronous: str | None = None) -> Starlette:
+def rtagent_app(
+    interval: float, db_path: str, synchronous: str | None = None, peers: str | None = None
+) -> Starlette:
     model = make_model(interval)
     agent = Agent(name="bench", instructions=INSTRUCTIONS, model=model)
     limits = Limits(rate_per_s=0, max_turns=1_000_000)
-    app = create_app(agent, model=model, db_path=db_path, limits=limits)
+    app = create_app(agent, model=model, db_path=db_path, limits=limits, peers=peers)
     if synchronous:  # e.g. NORMAL: in WAL mode a commit then no longer waits for an fsync
         db = app.state.server.db
         with db.lock:
@@ -302,12 +307,14 @@ def freeze_after_startup(app: ASGIApp) -> ASGIApp:
     return wrapped
 
 
-def main(argv: list[str]) -> None:
+def build(argv: list[str]) -> ASGIApp:
+    """The app ``argv`` names (see the module docstring), with the switches of the environment."""
     stats = GcStats(log=bool(os.environ.get("LOAD_GC_LOG")))
-    kind, port, interval = argv[0], int(argv[1]), float(argv[2])
+    kind, interval = argv[0], float(argv[2])
     app: ASGIApp
     if kind == "rtagent":
-        app = rtagent_app(interval, argv[3], os.environ.get("LOAD_SQLITE_SYNC"))
+        peers = os.environ.get("LOAD_PEERS")
+        app = rtagent_app(interval, argv[3], os.environ.get("LOAD_SQLITE_SYNC"), peers)
     else:
         app = baseline_app(interval)
     if os.environ.get("LOAD_GC_FREEZE"):
@@ -315,14 +322,36 @@ def main(argv: list[str]) -> None:
     threshold = os.environ.get("LOAD_GC_THRESHOLD")
     if threshold:
         gc.set_threshold(*(int(x) for x in threshold.split(",")))
-    app = with_gc_stats(app, stats)
+    return with_gc_stats(app, stats)
+
+
+def worker() -> ASGIApp:
+    """One of ``LOAD_WORKERS`` processes: the app of the arguments the parent left in ``LOAD_ARGV``."""
+    return build(json.loads(os.environ["LOAD_ARGV"]))
+
+
+def main(argv: list[str]) -> None:
+    port = int(argv[1])
+    # Loopback; uvloop and httptools when installed (uvicorn's "auto"), as in production.
+    options: dict[str, Any] = {"host": "127.0.0.1", "port": port, "log_level": "warning", "access_log": False}
+    options["backlog"] = 4096
+    workers = int(os.environ.get("LOAD_WORKERS", "1"))
+    if workers > 1:  # as ``rtagent serve --workers N`` runs them, sharing one database
+        shared = tempfile.mkdtemp(prefix="load-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(shared, "metrics")
+        os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+        os.environ["LOAD_PEERS"] = shared
+        os.environ["LOAD_ARGV"] = json.dumps(argv)
+        here = os.path.dirname(os.path.abspath(__file__))
+        uvicorn.run("load_servers:worker", factory=True, workers=workers, app_dir=here, **options)
+        return
+    app = build(argv)
     profile_path = os.environ.get("LOAD_PROFILE")
     profiler = cProfile.Profile() if profile_path else None
     if profiler is not None:
         profiler.enable()
     try:
-        # One worker, loopback; uvloop and httptools when installed (uvicorn's "auto"), as in production.
-        uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, backlog=4096)
+        uvicorn.run(app, **options)
     finally:
         if profiler is not None and profile_path:
             profiler.disable()

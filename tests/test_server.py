@@ -518,7 +518,7 @@ async def test_metrics_health_and_access_log(tmp_path: Path, caplog: pytest.LogC
         await http.get("/nowhere")
         metrics = (await http.get("/metrics")).text
         health = (await http.get("/healthz")).json()
-    assert health == {"status": "ok", "turns": 0, "threads": 1}
+    assert health == {"status": "ok", "turns": 0, "threads": 1, "worker": os.getpid()}
     for line in [
         'rtagent_turns_total{outcome="completed"} 1.0',
         "rtagent_time_to_first_token_seconds_count 1.0",

@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cors-origin", action="append", metavar="ORIGIN", help="allow a browser origin")
     serve.add_argument("--max-turns", type=int, metavar="N", help="concurrent turns before 503")
     serve.add_argument("--rate-limit", type=float, metavar="PER_S", help="requests per second per client")
+    serve.add_argument(
+        "--workers", type=int, metavar="N", help="processes sharing the port and the database (default: 1)"
+    )
     serve.set_defaults(run=_serve)
     return parser
 

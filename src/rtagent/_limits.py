@@ -12,15 +12,16 @@ import hmac
 import ipaddress
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qs
 
 from ag_ui.core import RunAgentInput, TextPart, UserMessage
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
@@ -346,6 +347,9 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
+        # With several worker processes (``serve --workers``) each writes its values to files in
+        # this directory, and /metrics, answered by any of them, adds up those of the live ones.
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         s = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
         self.turns_total = Counter("rtagent_turns", "Turns by outcome.", ["outcome"], registry=r)
         first = "Seconds from a turn's start to its first text delta."
@@ -357,9 +361,12 @@ class Metrics:
         self.tool_seconds = Histogram("rtagent_tool_duration_seconds", tool, ["tool"], registry=r, buckets=s)
         errors = "Requests answered with an error status."
         self.errors_total = Counter("rtagent_http_errors", errors, ["status"], registry=r)
-        self.turns = Gauge("rtagent_active_turns", "Turns running now.", registry=r)
-        self.connections = Gauge("rtagent_active_connections", "Open SSE streams and WebSockets.", registry=r)
-        self.sessions = Gauge("rtagent_active_sessions", "Conversations loaded in memory.", registry=r)
+        live: Literal["livesum"] = "livesum"  # with several workers: the sum over those running
+        self.turns = Gauge("rtagent_active_turns", "Turns running now.", registry=r, multiprocess_mode=live)
+        streams = "Open SSE streams and WebSockets."
+        self.connections = Gauge("rtagent_active_connections", streams, registry=r, multiprocess_mode=live)
+        sessions = "Conversations loaded in memory."
+        self.sessions = Gauge("rtagent_active_sessions", sessions, registry=r, multiprocess_mode=live)
 
     def observe(self, event: Event) -> None:
         if isinstance(event, ToolFinished):
@@ -379,4 +386,13 @@ class Metrics:
             self.errors_total.labels(str(status)).inc()
 
     def render(self) -> tuple[bytes, str]:
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        if not self.multiprocess:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        every_worker = CollectorRegistry()
+        multiprocess.MultiProcessCollector(every_worker)  # type: ignore[no-untyped-call]
+        return generate_latest(every_worker), CONTENT_TYPE_LATEST
+
+    def close(self) -> None:
+        """This process's live gauges no longer count (its files stay for the counters)."""
+        if self.multiprocess:
+            multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]

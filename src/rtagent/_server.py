@@ -24,12 +24,15 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import gc
 import itertools
+import json
 import logging
 import os
 import sqlite3
 import sys
+import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
@@ -67,6 +70,7 @@ from ._limits import (
 )
 from ._models import ModelSpec, resolve_model
 from ._transport import EventStream, Socket
+from ._workers import Peers
 
 DEFAULT_DB = "rtagent.db"
 STATIC = Path(__file__).with_name("static")
@@ -125,11 +129,13 @@ class _Server:
         policy: Policy,
         limits: Limits,
         cors_origins: Sequence[str],
+        peers: str | Path | None = None,
     ) -> None:
         self.agent = agent
         self.cors_origins = frozenset(cors_origins)
         self.model = resolve_model(model, agent)  # a bad spec fails here, at start-up, in one line
         self.db = _Database(str(db_path))
+        self.peers = None if peers is None else Peers(peers, self.db.connection, self.db.lock)
         self.policy: Policy = policy
         self.limits = limits
         self.metrics = Metrics()
@@ -175,14 +181,19 @@ class _Server:
             if self._active >= self.limits.max_turns:
                 message = f"the server runs its maximum of {self.limits.max_turns} turns; try again shortly"
                 raise InputError(message, 503, "overloaded")
+            if self.peers is not None:  # a turn of this thread in another worker goes first
+                await self.peers.claim(thread_id, interrupt=self.policy == "interrupt")
             self._active += 1
             self.metrics.turns.inc()
             turn = chat.send(text)
-        return AguiRun(thread_id, run_id, chat, turn, observe=self.metrics.observe, on_end=self.turn_ended)
+        on_end = functools.partial(self.turn_ended, thread_id)
+        return AguiRun(thread_id, run_id, chat, turn, observe=self.metrics.observe, on_end=on_end)
 
-    def turn_ended(self) -> None:
+    def turn_ended(self, thread_id: str) -> None:
         self._active -= 1
         self.metrics.turns.dec()
+        if self.peers is not None:
+            self.peers.release(thread_id)
 
     async def aclose(self) -> None:
         """Interrupt every running turn, wait (briefly) for their histories to be saved, close the file."""
@@ -190,6 +201,9 @@ class _Server:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.gather(*closing, return_exceptions=True), 10)
         self._chats.clear()
+        if self.peers is not None:
+            await self.peers.aclose()
+        self.metrics.close()
         with self.db.lock:
             self.db.connection.close()
 
@@ -203,19 +217,28 @@ class _Server:
         # Starlette only calls what an endpoint returns; the stream is an ASGI app, not a Response.
         return EventStream(run, self)  # type: ignore[return-value]
 
-    def interrupt(self, thread_id: str) -> bool:
-        """Interrupt the thread's running turn; whether there was one."""
+    async def interrupt(self, thread_id: str) -> bool:
+        """Interrupt the thread's running turn, in this worker or another; whether there was one."""
+        if await self.answer_peer("stop", thread_id):
+            return True
+        return self.peers is not None and await self.peers.stop(thread_id)
+
+    async def answer_peer(self, operation: str, thread_id: str) -> bool:
+        """Stop, interrupt or await the thread's turn running here (see ``Peers``); whether one was."""
         chat = self._chats.get(thread_id)
-        if chat is None or _idle(chat):
+        if chat is None or chat.turn is None or chat.turn.done:
             return False
-        assert chat.turn is not None
-        chat.turn.interrupt()
+        turn = chat.turn
+        if operation != "wait":
+            turn.interrupt()
+        if operation != "stop":
+            await turn.join()
         return True
 
     async def stop(self, request: Request) -> Response:
         thread_id = request.path_params["thread_id"]
         await self.known_chat(thread_id)
-        return JSONResponse({"threadId": thread_id, "stopped": self.interrupt(thread_id)})
+        return JSONResponse({"threadId": thread_id, "stopped": await self.interrupt(thread_id)})
 
     async def messages(self, request: Request) -> Response:
         thread_id = request.path_params["thread_id"]
@@ -227,13 +250,18 @@ class _Server:
         thread_id = request.path_params["thread_id"]
         chat = await self.known_chat(thread_id)
         await chat.aclose()
+        if self.peers is not None:  # and a turn of it in another worker
+            await self.peers.claim(thread_id, interrupt=True)
+            self.peers.release(thread_id)
         await chat.session.clear_session()
         self._chats.pop(thread_id, None)
         self.metrics.sessions.set(len(self._chats))
         return Response(status_code=204)
 
     async def healthz(self, request: Request) -> Response:
-        return JSONResponse({"status": "ok", "turns": self._active, "threads": len(self._chats)})
+        # Which worker answered, when several serve (each counts its own turns and threads).
+        health = {"status": "ok", "turns": self._active, "threads": len(self._chats), "worker": os.getpid()}
+        return JSONResponse(health)
 
     async def prometheus(self, request: Request) -> Response:
         body, content_type = self.metrics.render()
@@ -264,13 +292,16 @@ def create_app(
     cors_origins: Sequence[str] = (),
     policy: Policy = "interrupt",
     limits: Limits | None = None,
+    peers: str | Path | None = None,
 ) -> Starlette:
     """The ASGI app serving ``agent`` (run it with uvicorn); see the module docstring for the API.
 
     ``token``: every API request must then carry ``Authorization: Bearer TOKEN``. ``cors_origins``:
-    the browser origins allowed to call the API from other sites (none by default).
+    the browser origins allowed to call the API from other sites (none by default). ``peers``: a
+    directory shared by the worker processes serving the same ``db_path`` (``serve --workers``),
+    where they reach each other to keep to one turn per thread (see ``_workers``).
     """
-    server = _Server(agent, model, db_path, policy, limits or Limits(), cors_origins)
+    server = _Server(agent, model, db_path, policy, limits or Limits(), cors_origins, peers)
     thread = "/threads/{thread_id}"
     routes: list[Route | WebSocketRoute | Mount] = [
         Route("/agui", server.agui, methods=["POST"]),
@@ -303,6 +334,8 @@ def create_app(
         warm = getattr(server.model, "warm", None)
         if warm is not None:  # the embedded model starts now, not on the first person's message
             await warm(server.agent)
+        if server.peers is not None:
+            await server.peers.start(server.answer_peer)
         # The SDK, openai and pydantic leave some 200,000 objects that live as long as the process;
         # every full collection walked them all, pausing every stream for up to half a second
         # (bench/load.py). Frozen, the collector only sees what the conversations allocate.
@@ -325,13 +358,13 @@ def create_app(
 
 def serve_main(args: argparse.Namespace) -> int:
     """``rtagent serve [AGENT] [--model SPEC] [--host H] [--port P] [--token T] [--db PATH]
-    [--cors-origin ORIGIN]... [--max-turns N] [--rate-limit PER_S]``: serve until Ctrl-C.
+    [--cors-origin ORIGIN]... [--max-turns N] [--rate-limit PER_S] [--workers N]``: serve until Ctrl-C.
 
     Returns the exit status. Every attribute of ``args`` is optional (``None`` means the default).
+    With ``workers`` over 1, uvicorn starts that many processes, each building the app from the
+    same options (``worker_app``); the turn cap and the rate limit then hold per worker.
     """
     import uvicorn
-
-    from ._loading import load_agent
 
     host: str = getattr(args, "host", None) or "127.0.0.1"
     port: int = getattr(args, "port", None) or 8000
@@ -340,29 +373,73 @@ def serve_main(args: argparse.Namespace) -> int:
         needs = "needs a token: pass --token or set RTAGENT_TOKEN"
         print(f"rtagent serve: listening on {host} {needs}", file=sys.stderr)
         return 2
-    spec = getattr(args, "model", None)
     overrides = {
         "max_turns": getattr(args, "max_turns", None),
         "rate_per_s": getattr(args, "rate_limit", None),
     }
-    limits = dataclasses.replace(Limits(), **{k: v for k, v in overrides.items() if v is not None})
+    limits: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
+    options: dict[str, Any] = {
+        "agent": getattr(args, "agent", None),
+        "model": getattr(args, "model", None),
+        "db_path": getattr(args, "db", None) or DEFAULT_DB,
+        "token": token,
+        "cors_origins": getattr(args, "cors_origin", None) or [],
+        "limits": limits,
+    }
+    workers: int = getattr(args, "workers", None) or 1
+    # uvicorn's own access log is off: ours is structured and knows the thread.
+    settings: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "access_log": False,
+        "ws": "websockets-sansio",
+        "ws_max_size": dataclasses.replace(Limits(), **limits).max_body_bytes,
+        "timeout_graceful_shutdown": 5,
+    }
     try:
-        app = create_app(
-            load_agent(getattr(args, "agent", None)),
-            model=spec,
-            db_path=getattr(args, "db", None) or DEFAULT_DB,
-            token=token,
-            cors_origins=getattr(args, "cors_origin", None) or (),
-            limits=limits,
-        )
+        if workers == 1:
+            uvicorn.run(_app(options), **settings)
+            return 0
+        _app(options, check_only=True)  # a bad agent or model fails here, once, in one line
     except RTAgentError as exc:
         print(f"rtagent serve: {describe(exc)}", file=sys.stderr)
         return 2
+    with tempfile.TemporaryDirectory(prefix="rtagent-") as peers:
+        metrics = Path(peers, "metrics")
+        metrics.mkdir()
+        # Read by each worker (uvicorn spawns them) before it imports prometheus_client.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics)
+        os.environ[_WORKER_OPTIONS] = json.dumps({**options, "peers": peers})
+        uvicorn.run(f"{__name__}:worker_app", factory=True, workers=workers, **settings)
+    return 0
+
+
+_WORKER_OPTIONS = "RTAGENT_SERVE_OPTIONS"
+
+
+def worker_app() -> Starlette:
+    """The app of one ``serve --workers`` process, from the options its parent left in the environment."""
+    return _app(json.loads(os.environ[_WORKER_OPTIONS]))
+
+
+def _app(options: dict[str, Any], *, check_only: bool = False) -> Starlette:
+    from ._loading import load_agent
+
+    agent = load_agent(options["agent"])
+    if check_only:
+        resolve_model(options["model"], agent)
+        return Starlette()
     access = logging.getLogger("rtagent.access")  # its JSON lines, as they are, on stderr
-    access.addHandler(logging.StreamHandler())
+    if not access.handlers:
+        access.addHandler(logging.StreamHandler())
     access.setLevel(logging.INFO)
     access.propagate = False
-    # uvicorn's own access log is off: ours is structured and knows the thread.
-    options: dict[str, Any] = {"access_log": False, "ws": "websockets-sansio", "timeout_graceful_shutdown": 5}
-    uvicorn.run(app, host=host, port=port, ws_max_size=limits.max_body_bytes, **options)
-    return 0
+    return create_app(
+        agent,
+        model=options["model"],
+        db_path=options["db_path"],
+        token=options["token"],
+        cors_origins=options["cors_origins"],
+        limits=dataclasses.replace(Limits(), **options["limits"]),
+        peers=options.get("peers"),
+    )

@@ -144,7 +144,7 @@ class Socket:
         command = parse_json(text)
         kind = command.get("type") if isinstance(command, dict) else None
         if kind == "stop":
-            self.server.interrupt(self.thread_id)
+            await self.server.interrupt(self.thread_id)
             return
         if kind != "send":
             raise InputError('a command is {"type": "send", "text": "..."} or {"type": "stop"}')

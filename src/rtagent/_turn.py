@@ -164,6 +164,11 @@ class Turn:
             pass
         return self.result
 
+    async def join(self) -> None:
+        """Wait until the turn has ended and its history is saved, leaving its events to its reader."""
+        self.start()
+        await asyncio.shield(self._ended.wait())
+
     async def aclose(self) -> None:
         """Interrupt the turn if it is still running and wait until it has ended."""
         self.interrupt()

@@ -87,14 +87,16 @@ class ByKeyword(Model):
     """Starts a fresh script for every new user message, chosen by that message's words."""
 
     def __init__(self) -> None:
-        self._users = 0
+        self._message: tuple[int, str] = (0, "")  # the user message the script is for
         self._script = ScriptedModel()
 
     def _for(self, input: str | list[Any]) -> ScriptedModel:
         items = [{"role": "user", "content": input}] if isinstance(input, str) else input
         users = [item for item in items if isinstance(item, dict) and item.get("role") == "user"]
-        if len(users) != self._users:
-            self._users = len(users)
+        # Counted and read: one process serves several conversations (the server tests).
+        message = (len(users), _text(users[-1]) if users else "")
+        if message != self._message:
+            self._message = message
             replies = [_text(i) for i in items if isinstance(i, dict) and i.get("role") == "assistant"]
             steps = _script(_text(users[-1]), len(users), replies[-1] if replies else "")
             self._script = ScriptedModel(steps)
