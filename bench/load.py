@@ -1,9 +1,12 @@
-"""How many concurrent SSE sessions one rtagent server process streams on time, against the SDK's own pattern.
+"""How many concurrent SSE sessions an rtagent server streams on time, against the SDK's own pattern.
 
-Two servers run side by side, each a separate uvicorn process (one worker, loopback, a free port),
-both streaming from the same model (``bench/load_servers.py``): a session's reply is K text deltas
-``--interval`` seconds apart (50 ms: 20 tokens/s), each event built as it is sent, like a real
-model client (``--model scripted``: the project's test double ``rtagent.testing.ScriptedModel``).
+Two servers run side by side, each its own uvicorn process on loopback and a free port (rtagent
+with one worker process per core, as ``rtagent serve --workers N`` runs; the baseline with one, as
+the SDK documentation runs it; ``--workers`` sets either, e.g. ``rtagent=1`` to compare one
+process with one), both streaming from the same model (``bench/load_servers.py``): a session's
+reply is K text deltas ``--interval`` seconds apart (50 ms: 20 tokens/s), each event built as it
+is sent, like a real model client (``--model scripted``: the project's test double
+``rtagent.testing.ScriptedModel``).
 
 - ``rtagent``: ``rtagent.create_app`` (``POST /agui``, a ``RunAgentInput``, AG-UI events as SSE),
   as shipped (history in an SQLite file), per-client rate limit off (``Limits(rate_per_s=0)``),

@@ -142,10 +142,11 @@ async def test_metrics_add_up_the_workers(server: str) -> None:
 
 
 async def test_a_row_left_by_a_worker_that_died_is_cleared(tmp_path: Path) -> None:
-    connection = sqlite3.connect(tmp_path / "chats.db", check_same_thread=False)
-    peers = Peers(tmp_path / "peers", connection, threading.RLock())
-    connection.execute(f"INSERT INTO {TABLE} VALUES ('t1', ?)", (str(tmp_path / "peers" / "1.sock"),))
+    peers = Peers(tmp_path)
+    connection = sqlite3.connect(tmp_path / "running.db", isolation_level=None)
+    connection.execute(f"INSERT INTO {TABLE} VALUES ('t1', ?)", (str(tmp_path / "1.sock"),))
     await peers.claim("t1", interrupt=True)  # no such socket: the row goes, and this worker takes it
     assert connection.execute(f"SELECT peer FROM {TABLE}").fetchall() == [(peers.address,)]
     peers.release("t1")
     assert connection.execute(f"SELECT peer FROM {TABLE}").fetchall() == []
+    await peers.aclose()

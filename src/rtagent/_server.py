@@ -135,7 +135,7 @@ class _Server:
         self.cors_origins = frozenset(cors_origins)
         self.model = resolve_model(model, agent)  # a bad spec fails here, at start-up, in one line
         self.db = _Database(str(db_path))
-        self.peers = None if peers is None else Peers(peers, self.db.connection, self.db.lock)
+        self.peers = None if peers is None else Peers(peers)
         self.policy: Policy = policy
         self.limits = limits
         self.metrics = Metrics()

@@ -2,10 +2,11 @@
 
 uvicorn's workers share one listening socket, so any request of a conversation may land on any
 worker, while a conversation still runs one turn at a time and a stop must reach its turn wherever
-it runs. So each worker records the threads whose turns it runs in a table of the conversations'
-SQLite file (``rtagent_running``), and answers the other workers on a Unix socket of its own
-(``PEERS/PID.sock``): "interrupt this thread's turn, tell me when its history is saved", "let it
-finish, then tell me", "stop it". A worker that starts a turn of a thread another one runs asks
+it runs. So each worker records the threads whose turns it runs in a small SQLite file of the
+directory the workers share (``PEERS/running.db``, written without fsync: it only describes live
+processes), and answers the other workers on a Unix socket of its own (``PEERS/PID.sock``):
+"interrupt this thread's turn, tell me when its history is saved", "let it finish, then tell me",
+"stop it". A worker that starts a turn of a thread another one runs asks
 that one first; a row left by a worker that died (its socket gone) is cleared by whoever finds it.
 
 One worker needs none of this: ``create_app`` without ``peers`` makes no ``Peers``.
@@ -32,21 +33,22 @@ OPERATIONS = ("interrupt", "wait", "stop")
 class Peers:
     """This worker's view of the others: who runs which thread, and how to reach them."""
 
-    def __init__(self, directory: str | Path, connection: sqlite3.Connection, lock: threading.RLock) -> None:
+    def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
         self.address = str(self.directory / f"{os.getpid()}.sock")
-        self._connection = connection
-        self._lock = lock
         self._running: Counter[str] = Counter()  # this worker's turns per thread
         self._listener: asyncio.Server | None = None
-        with lock:
-            table = f"CREATE TABLE IF NOT EXISTS {TABLE} (thread_id TEXT PRIMARY KEY, peer TEXT NOT NULL)"
-            connection.execute(table)
-            connection.commit()
+        self._lock = threading.Lock()
+        # Autocommit, and no fsync: each turn's start and end write here, on the event loop.
+        self._connection = sqlite3.connect(self.directory / "running.db", isolation_level=None, timeout=10)
+        self._connection.execute("PRAGMA journal_mode=WAL")
+        self._connection.execute("PRAGMA synchronous=OFF")
+        table = f"CREATE TABLE IF NOT EXISTS {TABLE} (thread_id TEXT PRIMARY KEY, peer TEXT NOT NULL)"
+        self._connection.execute(table)
 
     async def start(self, handler: Handler) -> None:
         """Answer the other workers' requests with ``handler``."""
-        self.directory.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.address)  # a socket file left by an earlier process with this pid
 
@@ -69,7 +71,7 @@ class Peers:
             await self._listener.wait_closed()
         with self._lock:
             self._connection.execute(f"DELETE FROM {TABLE} WHERE peer = ?", (self.address,))
-            self._connection.commit()
+            self._connection.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.address)
 
@@ -104,7 +106,6 @@ class Peers:
                 f"INSERT INTO {TABLE} (thread_id, peer) VALUES (?, ?) ON CONFLICT (thread_id) DO NOTHING",
                 (thread_id, self.address),
             )
-            self._connection.commit()
         owner = self._owner(thread_id)
         return None if owner in (None, self.address) else owner
 
@@ -118,7 +119,6 @@ class Peers:
         with self._lock:
             forget = f"DELETE FROM {TABLE} WHERE thread_id = ? AND peer = ?"
             self._connection.execute(forget, (thread_id, peer))
-            self._connection.commit()
 
     async def _ask(self, peer: str, operation: str, thread_id: str) -> bool | None:
         """The peer's answer (did the thread have a running turn there), or ``None`` if it is gone."""
