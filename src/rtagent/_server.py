@@ -226,9 +226,10 @@ class _Server:
     async def answer_peer(self, operation: str, thread_id: str) -> bool:
         """Stop, interrupt or await the thread's turn running here (see ``Peers``); whether one was."""
         chat = self._chats.get(thread_id)
-        if chat is None or chat.turn is None or chat.turn.done:
+        if chat is None or _idle(chat):
             return False
         turn = chat.turn
+        assert turn is not None
         if operation != "wait":
             turn.interrupt()
         if operation != "stop":

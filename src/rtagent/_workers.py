@@ -79,8 +79,10 @@ class Peers:
         """Before this worker starts a turn of ``thread_id``: end (or, if not ``interrupt``, await)
         the turn another worker runs for it, until its history is saved."""
         while (owner := self._take(thread_id)) is not None:
-            if await self._ask(owner, "interrupt" if interrupt else "wait", thread_id) is None:
-                self._forget(thread_id, owner)  # that worker is gone: its row is stale
+            if not await self._ask(owner, "interrupt" if interrupt else "wait", thread_id):
+                # That worker is gone, or runs no turn of the thread (any more): the row is stale,
+                # or about to be released once the ended run's last events are sent.
+                self._forget(thread_id, owner)
         self._running[thread_id] += 1
 
     def release(self, thread_id: str) -> None:
