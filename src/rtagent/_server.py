@@ -68,6 +68,7 @@ from ._limits import (
     parse_run_input,
     read_body,
 )
+from ._loading import load_agent
 from ._models import ModelSpec, resolve_model
 from ._transport import EventStream, Socket
 from ._workers import Peers
@@ -401,7 +402,7 @@ def serve_main(args: argparse.Namespace) -> int:
         if workers == 1:
             uvicorn.run(_app(options), **settings)
             return 0
-        _app(options, check_only=True)  # a bad agent or model fails here, once, in one line
+        resolve_model(options["model"], load_agent(options["agent"]))  # a bad one fails here, once
     except RTAgentError as exc:
         print(f"rtagent serve: {describe(exc)}", file=sys.stderr)
         return 2
@@ -423,20 +424,14 @@ def worker_app() -> Starlette:
     return _app(json.loads(os.environ[_WORKER_OPTIONS]))
 
 
-def _app(options: dict[str, Any], *, check_only: bool = False) -> Starlette:
-    from ._loading import load_agent
-
-    agent = load_agent(options["agent"])
-    if check_only:
-        resolve_model(options["model"], agent)
-        return Starlette()
+def _app(options: dict[str, Any]) -> Starlette:
     access = logging.getLogger("rtagent.access")  # its JSON lines, as they are, on stderr
     if not access.handlers:
         access.addHandler(logging.StreamHandler())
     access.setLevel(logging.INFO)
     access.propagate = False
     return create_app(
-        agent,
+        load_agent(options["agent"]),
         model=options["model"],
         db_path=options["db_path"],
         token=options["token"],

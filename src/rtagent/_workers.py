@@ -6,8 +6,8 @@ it runs. So each worker records the threads whose turns it runs in a small SQLit
 directory the workers share (``PEERS/running.db``, written without fsync: it only describes live
 processes), and answers the other workers on a Unix socket of its own (``PEERS/PID.sock``):
 "interrupt this thread's turn, tell me when its history is saved", "let it finish, then tell me",
-"stop it". A worker that starts a turn of a thread another one runs asks
-that one first; a row left by a worker that died (its socket gone) is cleared by whoever finds it.
+"stop it". A worker that starts a turn of a thread another one runs asks that one first; a row
+left by a worker that died (its socket gone) is cleared by whoever finds it.
 
 One worker needs none of this: ``create_app`` without ``peers`` makes no ``Peers``.
 """
@@ -27,7 +27,6 @@ from pathlib import Path
 TABLE = "rtagent_running"
 # How a worker answers a peer: (operation, thread id) -> whether the thread had a running turn.
 Handler = Callable[[str, str], Awaitable[bool]]
-OPERATIONS = ("interrupt", "wait", "stop")
 
 
 class Peers:
@@ -97,7 +96,7 @@ class Peers:
         owner = self._owner(thread_id)
         if owner is None or owner == self.address:
             return False
-        return bool(await self._ask(owner, "stop", thread_id))
+        return await self._ask(owner, "stop", thread_id)
 
     # -- the table and the sockets --------------------------------------------------------------
 
@@ -122,18 +121,17 @@ class Peers:
             forget = f"DELETE FROM {TABLE} WHERE thread_id = ? AND peer = ?"
             self._connection.execute(forget, (thread_id, peer))
 
-    async def _ask(self, peer: str, operation: str, thread_id: str) -> bool | None:
-        """The peer's answer (did the thread have a running turn there), or ``None`` if it is gone."""
+    async def _ask(self, peer: str, operation: str, thread_id: str) -> bool:
+        """Whether the thread had a running turn at the peer; ``False`` too if the peer is gone."""
         try:
             reader, writer = await asyncio.open_unix_connection(peer)
         except OSError:
-            return None
+            return False
         try:
             writer.write(json.dumps({"op": operation, "thread": thread_id}).encode() + b"\n")
             await writer.drain()
-            line = await reader.readline()
-        except OSError:
-            return None
+            return bool(json.loads(await reader.readline())["running"])
+        except (OSError, ValueError, KeyError):  # gone mid-way, or no answer
+            return False
         finally:
             writer.close()
-        return bool(json.loads(line)["running"]) if line else None
