@@ -99,13 +99,17 @@ class Canned:
         self.requests: list[dict[str, Any]] = []
 
     async def open(
-        self, client: Any, model: str, messages: Any, settings: ModelSettings, rules: str, **kw: Any
+        self, client: Any, model: str, messages: Any, settings: ModelSettings, rules: str | None, **kw: Any
     ) -> Any:
         self.requests.append({"messages": messages, "rules": rules, "settings": settings, **kw})
         return self.streams[len(self.requests) - 1]
 
     def branches(self) -> list[str]:
-        return [request["rules"].splitlines()[1].removeprefix("start: ") for request in self.requests]
+        """Each request's grammar by its start rule; the deciding request has none ("free")."""
+        return [
+            "free" if request["rules"] is None else request["rules"].splitlines()[1].removeprefix("start: ")
+            for request in self.requests
+        ]
 
 
 @pytest.fixture
@@ -169,7 +173,7 @@ async def test_a_plain_reply_is_the_deciding_stream_itself(canned: Callable[...,
         if isinstance(event, ResponseTextDeltaEvent) and event.delta == "Hi":
             assert fake.streams[0].taken == 1  # out as soon as the first token is in
     assert text(events) == "Hi there!"
-    assert fake.branches() == ["call | text"]
+    assert fake.branches() == ["free"]
     assert fake.requests[0]["decide"] is True
     assert fake.streams[0].closed
     completed = events[-1]
@@ -178,13 +182,25 @@ async def test_a_plain_reply_is_the_deciding_stream_itself(canned: Callable[...,
     assert completed.response.usage.output_tokens == 3
 
 
+async def test_a_reply_starting_with_white_space_is_asked_for_again_as_text(
+    canned: Callable[..., Canned],
+) -> None:
+    # Without a grammar the deciding stream may open with a line break, which could lead into a
+    # call that the first token's alternatives do not show.
+    fake = canned([chunk("\n", {"\n": 0.7, "Hi": 0.2}), chunk('{"')], [chunk("Hi"), chunk("!")])
+    events = await respond(SHOP, "hello")
+    assert fake.branches() == ["free", "text"]
+    assert fake.streams[0].closed
+    assert text(events) == "Hi!"
+
+
 async def test_a_call_is_redone_without_the_penalty_and_announced_when_its_arguments_close(
     canned: Callable[..., Canned],
 ) -> None:
     call = call_chunks("get_order_status", '{"order_id": "A1234"}')
     fake = canned([chunk('{"', {'{"': 0.8, "Hi": 0.2}), chunk("name")], call)
     events = await respond(SHOP, "where is my order A1234?")
-    assert fake.branches() == ["call | text", "call"]
+    assert fake.branches() == ["free", "call"]
     assert [request["penalty"] for request in fake.requests] == [True, False]
     assert fake.streams[0].closed
     assert fake.streams[0].taken == 1
@@ -212,7 +228,7 @@ async def test_the_threshold_overrides_the_sampled_first_token(
     answer = call_chunks("get_order_status", '{"order_id": "A1234"}') if redo == "call" else [chunk("OK.")]
     fake = canned([chunk(first, top), chunk("more")], answer)
     events = await respond(SHOP, "where is A1234?")
-    assert fake.branches() == ["call | text", redo]
+    assert fake.branches() == ["free", redo]
     assert bool(calls(events)) == (redo == "call")
     assert "more" not in text(events)
 
@@ -227,7 +243,7 @@ async def test_a_call_copying_the_example_falls_back_to_other_tools_then_text(
         [chunk("We open at 9.")],
     )
     events = await respond(SHOP, "what are your opening hours?")
-    assert fake.branches() == ["call | text", "call", "call", "text"]
+    assert fake.branches() == ["free", "call", "call", "text"]
     second_try = json.loads(fake.requests[2]["rules"].splitlines()[2].removeprefix("call: %json "))
     assert second_try["properties"]["name"] == {"const": "cancel_order"}
     assert calls(events) == []
@@ -245,7 +261,7 @@ async def test_a_copying_call_is_dropped_as_soon_as_its_copied_value_closes(
     events = await respond(SHOP, "what are your opening hours?")
     assert fake.streams[1].taken == len(head) + 2  # the reason was never waited for
     assert fake.streams[1].closed
-    assert fake.branches() == ["call | text", "call", "call", "text"]
+    assert fake.branches() == ["free", "call", "call", "text"]
     assert calls(events) == []
     assert text(events) == "We open at 9."
 
@@ -267,10 +283,10 @@ def calls_in_a_row(*calls: tuple[str, str]) -> list[list[ChatCompletionChunk]]:
 async def test_only_parallel_tool_calls_true_lets_a_reply_make_several_calls(
     canned: Callable[..., Canned], parallel: bool | None, calls_rule: str | None
 ) -> None:
-    fake = canned([chunk("Hi", {"Hi": 0.9})])
-    events = await respond(SHOP, "hello", ModelSettings(parallel_tool_calls=parallel))
-    lines = fake.requests[0]["rules"].splitlines()
-    assert lines[1] == ("start: calls | text" if calls_rule else "start: call | text")
+    fake = canned(DECIDE_CALL, call_chunks("get_order_status", '{"order_id": "A1234"}'))
+    events = await respond(SHOP, "where is A1234?", ModelSettings(parallel_tool_calls=parallel))
+    lines = fake.requests[1]["rules"].splitlines()
+    assert lines[1] == ("start: calls" if calls_rule else "start: call")
     assert [line for line in lines if line.startswith("calls:")] == ([calls_rule] if calls_rule else [])
     assert isinstance(events[-1], ResponseCompletedEvent)
     assert events[-1].response.parallel_tool_calls is bool(parallel)
@@ -293,7 +309,7 @@ async def test_parallel_calls_go_out_each_as_it_closes_and_complete_when_the_mod
         events.append(event)
         if isinstance(event, ResponseOutputItemDoneEvent):
             taken_at_done.append(fake.streams[1].taken)
-    assert fake.branches() == ["calls | text", "calls"]
+    assert fake.branches() == ["free", "calls"]
     # Each call went out as its arguments closed, before anything of the next one was read.
     assert taken_at_done == [len(first) - 1, len(first) + len(second) - 1]
     assert fake.streams[1].taken == len(first) + len(second)  # then the model's end was awaited
@@ -329,7 +345,7 @@ async def test_a_later_call_copying_the_example_or_repeating_ends_the_reply_with
     )
     fake = canned(DECIDE_CALL, [item for call in written for item in call])
     events = await respond(SHOP, "where are my orders A1234 and B5678?", PARALLEL)
-    assert fake.branches() == ["calls | text", "calls"]  # no fallback: the first call stood
+    assert fake.branches() == ["free", "calls"]  # no fallback: the first call stood
     assert fake.streams[1].taken == len(written[0]) + len(written[1]) - 1  # nothing after it read
     assert fake.streams[1].closed
     [done] = calls(events)
@@ -358,7 +374,7 @@ async def test_the_first_of_parallel_calls_copying_the_example_still_falls_back(
         DECIDE_CALL, copied + other, call_chunks("cancel_order", '{"order_id": "A1", "reason": "no"}')
     )
     events = await respond(SHOP, "cancel A1, no", PARALLEL)
-    assert fake.branches() == ["calls | text", "calls", "calls"]
+    assert fake.branches() == ["free", "calls", "calls"]
     assert fake.streams[1].taken == len(copied) - 1
     assert fake.streams[1].closed
     assert [call.name for call in calls(events)] == ["cancel_order"]
@@ -392,7 +408,7 @@ async def test_a_looping_reply_is_cut_before_the_repeat(canned: Callable[..., Ca
     assert fake.streams[0].taken < 20
 
 
-async def test_requests_carry_the_grammar_and_drop_the_penalty_for_calls() -> None:
+async def test_only_the_deciding_request_goes_without_a_grammar_and_calls_without_the_penalty() -> None:
     sent: list[dict[str, Any]] = []
 
     class Completions:
@@ -401,10 +417,10 @@ async def test_requests_carry_the_grammar_and_drop_the_penalty_for_calls() -> No
 
     client: Any = type("Client", (), {"chat": type("Chat", (), {"completions": Completions()})()})()
     settings = LOCAL_SETTINGS.resolve(ModelSettings(temperature=0.0, frequency_penalty=0.5))
-    await _adapter._open(client, "m", [], settings, "G1", decide=True, penalty=True)
+    await _adapter._open(client, "m", [], settings, None, decide=True, penalty=True)
     await _adapter._open(client, "m", [], settings, "G2", decide=False, penalty=False)
     deciding, calling = sent
-    assert deciding["extra_body"] == {"repeat_penalty": 1.15, "repeat_last_n": 128, "grammar": "G1"}
+    assert deciding["extra_body"] == {"repeat_penalty": 1.15, "repeat_last_n": 128}  # no grammar
     assert (deciding["logprobs"], deciding["top_logprobs"], deciding["frequency_penalty"]) == (True, 10, 0.5)
     assert calling["extra_body"] == {"repeat_penalty": 1.0, "repeat_last_n": 128, "grammar": "G2"}
     assert calling["frequency_penalty"] is omit

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
 from agents import Agent, handoff
 from agents.items import TResponseInputItem
 from agents.tool import WebSearchTool
@@ -67,19 +66,14 @@ def test_handoffs_are_tools_and_hosted_tools_are_left_out() -> None:
 # -- the grammar ----------------------------------------------------------------------------------
 
 
-def test_the_grammar_is_a_call_or_text_ending_with_the_end_token() -> None:
-    text = _toolprompt.grammar(specs(SHOP), 2)
-    lines = text.splitlines()
-    assert lines[:2] == ["%llguidance {}", "start: call | text"]
-    assert lines[2] == r"call: /\{(.|\n)*/"  # deciding only: a call is asked for again on its own
-    assert lines[3] == r"text: /[^\{\s](.|\n)*/ <[2]>"
+def test_the_text_grammar_ends_with_the_end_token_and_cannot_start_a_call() -> None:
+    lines = _toolprompt.text_grammar(7).splitlines()
+    assert lines == ["%llguidance {}", "start: text", r"text: /[^\{\s](.|\n)*/ <[7]>"]
 
 
 def test_a_call_is_valid_for_its_tool_schema() -> None:
-    lines = _toolprompt.grammar(specs(SHOP), 2, text=False).splitlines()
-    assert lines[1] == "start: call"
-    several = _toolprompt.grammar(specs(SHOP), 2, text=False, max_calls=2).splitlines()
-    assert several[2] == lines[2]  # each of several calls is the same JSON as a lone one
+    lines = _toolprompt.call_grammar(specs(SHOP)).splitlines()
+    assert lines[:2] == ["%llguidance {}", "start: call"]
     schema = json.loads(lines[2].removeprefix("call: %json "))
     names = [variant["properties"]["name"]["const"] for variant in schema["anyOf"]]
     assert names == ["get_order_status", "cancel_order"]
@@ -92,26 +86,14 @@ def test_a_call_is_valid_for_its_tool_schema() -> None:
     }
 
 
-def test_one_branch_grammars() -> None:
-    assert _toolprompt.grammar(specs(SHOP), 7, text=False).splitlines()[1] == "start: call"
-    text_only = _toolprompt.grammar(specs(SHOP), 7, call=False)
-    assert text_only.splitlines()[1:] == ["start: text", r"text: /[^\{\s](.|\n)*/ <[7]>"]
-    with pytest.raises(ValueError, match="needs the call or the text branch"):
-        _toolprompt.grammar(specs(SHOP), 7, call=False, text=False)
-
-
 def test_parallel_calls_are_one_per_line_up_to_the_cap_and_one_call_is_the_default() -> None:
-    single = _toolprompt.grammar(specs(SHOP), 2)
-    several = _toolprompt.grammar(specs(SHOP), 2, max_calls=_toolprompt.MAX_CALLS)
+    single = _toolprompt.call_grammar(specs(SHOP)).splitlines()
+    several = _toolprompt.call_grammar(specs(SHOP), _toolprompt.MAX_CALLS).splitlines()
     assert _toolprompt.MAX_CALLS == 4
-    assert not [line for line in single.splitlines() if line.startswith("calls")]
-    lines = several.splitlines()
-    assert lines[1] == "start: calls | text"
-    assert lines[2] == single.splitlines()[2]  # each call is the same JSON as a lone one
-    assert lines[3] == 'calls: call ("\\n" call){0,3}'
-    assert lines[4] == single.splitlines()[3]
-    call_only = _toolprompt.grammar(specs(SHOP), 2, text=False, max_calls=2).splitlines()
-    assert call_only[1:2] + call_only[3:] == ["start: calls", 'calls: call ("\\n" call){0,1}']
+    assert not [line for line in single if line.startswith("calls")]
+    assert several[1] == "start: calls"
+    assert several[2] == single[2]  # each call is the same JSON as a lone one
+    assert several[3] == 'calls: call ("\\n" call){0,3}'
 
 
 def test_definitions_are_hoisted_and_renamed_per_tool() -> None:

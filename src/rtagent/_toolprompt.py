@@ -191,33 +191,23 @@ def _squeezed(text: str) -> str:
 # -- the grammar ----------------------------------------------------------------------------------
 
 
-def grammar(
-    specs: Sequence[ToolSpec], end_token: int, *, call: bool = True, text: bool = True, max_calls: int = 1
-) -> str:
-    """An llguidance grammar: up to ``max_calls`` calls valid for ``specs``, or text not starting with ``{``.
+def call_grammar(specs: Sequence[ToolSpec], max_calls: int = 1) -> str:
+    """An llguidance grammar: one to ``max_calls`` calls, each valid for one of ``specs``."""
+    lines = ["%llguidance {}", "start: call" if max_calls == 1 else "start: calls"]
+    lines.append("call: %json " + json.dumps(call_schema(specs), separators=(",", ":")))
+    if max_calls > 1:
+        lines.append(f"calls: call ({json.dumps(CALL_SEPARATOR)} call){{0,{max_calls - 1}}}")
+    return "\n".join(lines) + "\n"
+
+
+def text_grammar(end_token: int) -> str:
+    """An llguidance grammar: text that does not start with ``{`` (a call) or with white space.
 
     ``end_token`` is the id of the template's end-of-turn token: llguidance does not end a free
     text rule by itself, and without it every plain reply ran to the length cap.
-
-    With both branches open the request only decides: a reply that starts a call is dropped at
-    its first token and asked for again without the text branch. Its call is then just ``{...``:
-    llama.cpp compiles a request's grammar before its first token, and a full schema (an enum, a
-    second tool) cost up to 50 ms of every plain reply's time to first token.
     """
-    calls = "call" if max_calls == 1 else "calls"
-    branches = [calls] * (call and bool(specs)) + ["text"] * text
-    if not branches:
-        raise ValueError("a grammar needs the call or the text branch")
-    lines = ["%llguidance {}", "start: " + " | ".join(branches)]
-    if calls in branches and text:
-        lines.append(rf"call: /{re.escape(CALL_START)}(.|\n)*/")
-    elif calls in branches:
-        lines.append("call: %json " + json.dumps(call_schema(specs), separators=(",", ":")))
-    if calls in branches and max_calls > 1:
-        lines.append(f"calls: call ({json.dumps(CALL_SEPARATOR)} call){{0,{max_calls - 1}}}")
-    if text:
-        lines.append(rf"text: /[^{re.escape(CALL_START)}\s](.|\n)*/ <[{end_token}]>")
-    return "\n".join(lines) + "\n"
+    text = rf"text: /[^{re.escape(CALL_START)}\s](.|\n)*/ <[{end_token}]>"
+    return "\n".join(["%llguidance {}", "start: text", text]) + "\n"
 
 
 def call_schema(specs: Sequence[ToolSpec]) -> dict[str, Any]:
