@@ -659,7 +659,7 @@ async def test_warming_reads_the_agents_tool_prompt_into_the_cache() -> None:
     server = shared_server(default_model_path())
     instructions = await agent.get_system_prompt(RunContextWrapper(None))
     messages = [*prefix(instructions, tool_specs(agent.tools, [])), {"role": "user", "content": "Dune?"}]
-    with server.slots.take(f"{m['role']}: {m['content']}" for m in messages) as slot:
+    async with server.slot_for(f"{m['role']}: {m['content']}" for m in messages) as slot:
         auth = {"Authorization": f"Bearer {server.api_key}"}
         async with httpx.AsyncClient(base_url=server.address, headers=auth) as http:
             body = {"messages": messages, "max_tokens": 1, "id_slot": slot}

@@ -200,15 +200,20 @@ class AdaptedModel(ServedModel):
         except Exception:  # instructions that need a run's context: nothing to read ahead
             return
         messages = prefix(instructions, specs)
-        with self._pinned(ModelSettings(), _prompt_key(messages)) as settings:
-            root, key = await self._address()
-            await pooled_client(f"{root}/v1", key).chat.completions.create(
+        server, key = self._server, list(_prompt_key(messages))
+        assert server is not None  # template() started it
+        async with server.slot_for(key) as slot:
+            await pooled_client(server.base_url, server.api_key).chat.completions.create(
                 model=self._name or "local",
                 messages=cast("list[ChatCompletionMessageParam]", messages),
                 max_tokens=1,
-                extra_body=settings.extra_body,
+                extra_body={"id_slot": slot} if slot is not None else None,
                 extra_headers=CLIENT_HEADERS,
             )
+            # Saved before the slot is released, so nothing else is in it yet: the first
+            # conversation goes on in this slot, and every later one from the file in its own.
+            if slot is not None:
+                await server.keep(slot, key)
 
     async def template(self) -> Template:
         if self._template is None:
@@ -238,7 +243,7 @@ class AdaptedModel(ServedModel):
         past = history(input)
         messages = [*prefix(instructions, specs), *past]
         # Every request of the reply has this prompt, so they all go to the slot that caches it.
-        with self._pinned(settings, _prompt_key(messages)) as settings:
+        async with self._pinned(settings, _prompt_key(messages)) as settings:
             async for event in self._reply(template, settings, specs, input, past, messages):
                 yield event
 

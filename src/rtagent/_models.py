@@ -128,8 +128,8 @@ class ServedModel(Model):
             return OpenAIResponsesModel(model=self._name, openai_client=client)
         return OpenAIChatCompletionsModel(model=self._name, openai_client=client)
 
-    @contextlib.contextmanager
-    def _pinned(self, settings: ModelSettings, prompt: Iterable[str]) -> Iterator[ModelSettings]:
+    @contextlib.asynccontextmanager
+    async def _pinned(self, settings: ModelSettings, prompt: Iterable[str]) -> AsyncIterator[ModelSettings]:
         """``settings`` naming the embedded server's slot for ``prompt`` (see ``_local.Slots``).
 
         ``prompt`` is only read for an embedded server: pass a generator, so a remote model's
@@ -138,7 +138,7 @@ class ServedModel(Model):
         if self._server is None:
             yield settings
             return
-        with self._server.slots.take(prompt) as slot:
+        async with self._server.slot_for(prompt) as slot:
             if slot is None:
                 yield settings
                 return
@@ -160,7 +160,7 @@ class ServedModel(Model):
     ) -> ModelResponse:
         target = await self._target()
         settings = self._settings.resolve(model_settings)
-        with self._pinned(settings, _prompt_of(system_instructions, input)) as settings:
+        async with self._pinned(settings, _prompt_of(system_instructions, input)) as settings:
             return await target.get_response(
                 system_instructions,
                 input,
@@ -190,7 +190,7 @@ class ServedModel(Model):
     ) -> AsyncIterator[TResponseStreamEvent]:
         target = await self._target()
         settings = self._settings.resolve(model_settings)
-        with self._pinned(settings, _prompt_of(system_instructions, input)) as settings:
+        async with self._pinned(settings, _prompt_of(system_instructions, input)) as settings:
             stream = target.stream_response(
                 system_instructions,
                 input,
