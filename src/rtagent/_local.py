@@ -205,21 +205,20 @@ class LocalServer:
         params.port = 0  # the OS picks a free port; listening_address reports it
         params.api_keys = [self._api_key]
         params.use_jinja = True
-        params.n_ctx = self.n_ctx
+        # A KV cache per slot, each of n_ctx tokens (llama.cpp splits the total among slots).
+        # Shared ("unified"), a slot's attention runs over the other conversations' cells too,
+        # masked, in an order that moves the sums: at temperature 0 a reply changed with what
+        # other chats held (3 of the 99 labelled tool-use rows flipped). And llama.cpp then
+        # saves and clears every idle slot whenever a task starts, while a request naming its
+        # slot never reloads from that save, so each conversation lost its cache to any request
+        # in between (two alternating prompts: nothing cached, 1.1-1.8 s each).
+        params.kv_unified = False
+        params.n_ctx = self.n_ctx * self.n_parallel
         params.n_parallel = self.n_parallel
-        # Without a unified KV cache each slot gets only n_ctx / n_parallel tokens (1024 of
-        # 4096), too little for one long chat; unified, any slot may use the whole context.
-        params.kv_unified = True
         params.cpuparams.n_threads = self.n_threads
         params.cpuparams_batch.n_threads = self.n_threads
         params.cache_prompt = True
         params.cache_ram_mib = _PROMPT_CACHE_MIB
-        # By default llama.cpp saves every idle slot to host RAM and clears it whenever a task
-        # starts, and a request naming its slot never loads from there: each conversation lost
-        # its cache to any request in between (two alternating prompts: nothing cached, 1.1-1.8
-        # s each). Kept, idle slots hold their prompts in the KV cache until it is full, when
-        # llama.cpp clears idle slots itself.
-        params.cache_idle_slots = False
         params.slot_save_path = saves
         params.endpoint_metrics = True
         params.endpoint_slots = True
