@@ -10,8 +10,8 @@ Both models are SmolLM2-135M on the same in-process llama.cpp server, at tempera
 Accuracy is scored on the labelled set in ``tests/evals`` (see its README): tool-or-not
 decisions, tool names, arguments, calls valid for their tool's schema, replies stopped by the
 token cap. Time to first token is for plain replies: the rows labelled "no tool" that the adapter
-answers in text, each asked ``--reps`` times of each model, in blocks of one agent and one model
-after a warm-up request (steady state: the agent's prompt prefix is in the prompt cache, as in a
+answers in text, each asked ``--reps`` times of both models back to back, after a warm-up request
+per agent and model (steady state: the agent's prompt prefix is in the prompt cache, as in a
 running chat), the stream closed at the first text delta. Prints JSON.
 
 Run: ``.venv/bin/python bench/tool_eval.py [--split all|dev|test|holdout] [--reps 5]``
@@ -55,15 +55,14 @@ def _ms(values: list[float]) -> dict[str, float]:
 async def first_text(
     models: dict[str, Model], rows: list[dict[str, Any]], reps: int, server: LocalServer
 ) -> dict[str, Any]:
-    """Time to the first text delta of the same plain messages, per agent in blocks.
+    """Time to the first text delta of the same plain messages, each asked of both models in turn.
 
-    A block is one model answering all of an agent's messages after a warm-up request, like the
-    turns of one chat. The models alternate by block, not by message: both prompts share the
-    agent's instructions, so llama.cpp would put them in the same slot and each would evict the
-    other's cached prefix, which no real chat does. Each stream is closed at its first text
-    delta, and the next message is sent once the server has stopped generating, as in a chat,
-    where the next message follows the reply: sent at once, it would wait for the slot that the
-    closed stream holds until the server notices, a token later.
+    Paired: the two models answer each message one right after the other, which goes first
+    alternating, so the machine's other load falls on both alike. Their prompts stay cached side
+    by side: the embedded server keeps each prompt in a slot of its own (``rtagent._slots``).
+    Each stream is closed at its first text delta, and the next message is sent once the server
+    has stopped generating, as in a chat, where the next message follows the reply: sent at once,
+    it would wait for the slot that the closed stream holds until the server notices, a token later.
     """
     seconds: dict[str, dict[str, list[float]]] = {name: {} for name in models}
     headers = {"Authorization": f"Bearer {server.api_key}"}
@@ -75,13 +74,16 @@ async def first_text(
                     return
                 await asyncio.sleep(0.002)
 
-        for rep in range(reps):
-            order = list(models.items()) if rep % 2 == 0 else list(models.items())[::-1]
+        pairs = 0
+        for _ in range(reps):
             for key, agent in AGENTS.items():
                 messages = [row["message"] for row in rows if row["agent"] == key]
-                for name, model in order if messages else ():
+                for model in models.values() if messages else ():
                     await reply_to(model, agent, "hello", first_text_only=True)
-                    for message in messages:
+                for message in messages:
+                    order = list(models.items())
+                    pairs += 1
+                    for name, model in order if pairs % 2 else order[::-1]:
                         await idle()
                         reply = await reply_to(model, agent, message, first_text_only=True)
                         if reply.first_text_s is not None:
