@@ -44,15 +44,16 @@ class Slots:
 
     def __init__(self, count: int) -> None:
         self._lock = threading.Lock()  # the server, and so its slots, serve every event loop
-        self._count = count
-        self.reset()
+        self._holders = [0] * count
+        self._released = [0.0] * count
+        self._prompts: list[tuple[str, ...]] = [()] * count
+        self._kept: dict[tuple[str, ...], str] = {}
 
     def reset(self) -> None:
+        """Every slot empty and nothing kept: a new server (requests still held stay counted)."""
         with self._lock:
-            self._prompts: list[tuple[str, ...]] = [()] * self._count
-            self._holders = [0] * self._count
-            self._released = [0.0] * self._count
-            self._kept: dict[tuple[str, ...], str] = {}
+            self._prompts = [()] * len(self._prompts)
+            self._kept = {}
 
     def kept(self, prompt: Iterable[str], name: str) -> None:
         """The slot state saved as ``name`` holds ``prompt``: restore it for prompts it starts."""
