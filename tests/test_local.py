@@ -205,14 +205,8 @@ async def test_two_conversations_of_one_prefix_keep_their_own_caches(server: Loc
         timings: dict[str, float] = (answer.model_extra or {})["timings"]
         return timings
 
+    await server.read_ahead("m", [{"role": "system", "content": system}], [f"system: {system}"])
     prefix: list[ChatCompletionMessageParam] = [{"role": "system", "content": system}]
-    key = [f"system: {system}"]
-    async with server.slot_for(key) as slot:
-        assert slot is not None
-        await api.chat.completions.create(
-            model="m", messages=prefix, max_tokens=1, extra_body={"id_slot": slot}
-        )
-        await server.keep(slot, key)
     chats: list[list[ChatCompletionMessageParam]] = [list(prefix), list(prefix)]
     for turn in range(3):
         for number, chat in enumerate(chats):

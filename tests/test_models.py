@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from typing import Any
 
+import httpx
 import pytest
 from agents import Agent, ModelSettings, RunConfig, SQLiteSession
 from agents.run_config import CallModelData, ModelInputData
 
 import rtagent
 from rtagent import ModelError, TextDelta, TurnFinished
-from rtagent._local import DecodeWatch, default_model_path, shared_server
-from rtagent._models import ServedModel, parse_spec, pooled_client, resolve_model
+from rtagent._local import DecodeWatch, LocalServer, default_model_path, shared_server
+from rtagent._models import ServedModel, _prompt_of, parse_spec, pooled_client, resolve_model
 from rtagent.testing import ScriptedModel
 
 
@@ -131,3 +133,30 @@ async def test_interrupt_stops_generation_on_the_embedded_model_server() -> None
     assert stopped_after < 0.1, f"the server decoded tokens {stopped_after * 1e3:.0f} ms after the interrupt"
     history = await session.get_items()
     assert history[-1]["content"][0]["text"] == "".join(deltas)  # type: ignore[typeddict-item, index]
+
+
+def auth(server: LocalServer) -> dict[str, str]:
+    return {"Authorization": f"Bearer {server.api_key}"}
+
+
+@pytest.mark.model
+async def test_warming_keeps_the_system_prompt_of_an_agent_without_tools() -> None:
+    # Unique instructions: no slot holds this prompt from an earlier test.
+    instructions = f"Bakery {secrets.token_hex(4)}. " + "You answer questions about bread, briefly. " * 12
+    agent = Agent(name="baker", instructions=instructions)
+    model = parse_spec("local")
+    assert isinstance(model, ServedModel)
+    await model.warm(agent)
+    server = shared_server(default_model_path())
+    slots, cached = [], []
+    for question in ("Is rye bread healthy?", "How long does sourdough keep?"):
+        item = {"role": "user", "content": question}
+        # The two conversations' requests as the plain path names them (its key is per input item).
+        async with server.slot_for(_prompt_of(instructions, [item])) as slot:  # type: ignore[list-item]
+            body = {"messages": [{"role": "system", "content": instructions}, item], "max_tokens": 1}
+            async with httpx.AsyncClient(base_url=server.address, headers=auth(server)) as http:
+                answer = (await http.post("/v1/chat/completions", json={**body, "id_slot": slot})).json()
+        slots.append(slot)
+        cached.append(answer["timings"]["cache_n"])
+    assert slots[0] != slots[1]  # the second conversation did not take the first one's slot
+    assert min(cached) > 100  # and neither read the system prompt (about 130 tokens) again

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import httpx
-from agents import Agent, RunContextWrapper
+from agents import Agent
 from agents.agent_output import AgentOutputSchemaBase
 from agents.exceptions import ModelBehaviorError
 from agents.handoffs import Handoff
@@ -60,7 +60,7 @@ from openai.types.responses import ResponseCompletedEvent
 from openai.types.responses.response_prompt_param import ResponsePromptParam
 
 from ._local import CLIENT_HEADERS
-from ._models import ServedModel, body_fields, pooled_client
+from ._models import ServedModel, body_fields, instructions_of, pooled_client
 from ._replyevents import ReplyEvents
 from ._replystream import Call, Chunks, call_events, content, first_content, read_calls, relay_text
 from ._toolprompt import (
@@ -184,36 +184,17 @@ class AdaptedModel(ServedModel):
                 )
         raise ModelBehaviorError("the local model's stream ended without a response")
 
-    async def warm(self, agent: Agent[Any] | None = None) -> None:
-        """The server, and the agent's tool prompt read into a slot's cache before the first message.
-
-        The prompt and worked examples are some 150-200 tokens that every request of the agent
-        starts with; read cold, SmolLM2 takes over a second on one core, which the first reply
-        would wait for.
-        """
-        await super().warm()
-        specs = tool_specs(agent.tools, []) if agent is not None and not agent.handoffs else []
-        if agent is None or not specs or (await self.template()).native_tools:
-            return
-        try:
-            instructions = await agent.get_system_prompt(RunContextWrapper(None))
-        except Exception:  # instructions that need a run's context: nothing to read ahead
-            return
+    async def _fixed_prompt(self, agent: Agent[Any]) -> tuple[list[dict[str, str]], list[str]] | None:
+        """The tool prompt and worked examples: some 150-200 tokens every request of the agent starts
+        with, which SmolLM2 reads in over a second on one core; the plain prompt otherwise."""
+        specs = tool_specs(agent.tools, []) if not agent.handoffs else []
+        if not specs or (await self.template()).native_tools:
+            return await super()._fixed_prompt(agent)
+        instructions = await instructions_of(agent)
+        if instructions is None:
+            return None
         messages = prefix(instructions, specs)
-        server, key = self._server, list(_prompt_key(messages))
-        assert server is not None  # template() started it
-        async with server.slot_for(key) as slot:
-            await pooled_client(server.base_url, server.api_key).chat.completions.create(
-                model=self._name or "local",
-                messages=cast("list[ChatCompletionMessageParam]", messages),
-                max_tokens=1,
-                extra_body={"id_slot": slot} if slot is not None else None,
-                extra_headers=CLIENT_HEADERS,
-            )
-            # Saved before the slot is released, so nothing else is in it yet: the first
-            # conversation goes on in this slot, and every later one from the file in its own.
-            if slot is not None:
-                await server.keep(slot, key)
+        return messages, list(_prompt_key(messages))
 
     async def template(self) -> Template:
         if self._template is None:

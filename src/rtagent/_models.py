@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
-from agents import Agent
+from agents import Agent, RunContextWrapper
 from agents.agent_output import AgentOutputSchemaBase
 from agents.handoffs import Handoff
 from agents.items import ModelResponse, TResponseInputItem, TResponseStreamEvent
@@ -106,10 +106,21 @@ class ServedModel(Model):
         return self.label
 
     async def warm(self, agent: Agent[Any] | None = None) -> None:
-        """Start what the first request would otherwise wait for: the in-process server, and
-        (where a model adds a fixed prompt of its own to ``agent``'s) that prompt in its cache."""
-        if self._server is not None:
-            await self._server.start()
+        """Start what the first request would otherwise wait for: the in-process server, and the
+        prompt every request of ``agent`` starts with, read into its cache and kept there."""
+        if self._server is None:
+            return
+        await self._server.start()
+        fixed = await self._fixed_prompt(agent) if agent is not None else None
+        if fixed is not None:
+            await self._server.read_ahead(self._name or "local", *fixed)
+
+    async def _fixed_prompt(self, agent: Agent[Any]) -> tuple[list[dict[str, str]], list[str]] | None:
+        """The messages every request for ``agent`` starts with, and their key for ``_pinned``."""
+        instructions = await instructions_of(agent)
+        if not instructions or agent.tools or agent.handoffs:
+            return None  # nothing fixed, or tools the template renders into the prompt
+        return [{"role": "system", "content": instructions}], list(_prompt_of(instructions, []))
 
     async def _target(self) -> Model:
         base_url, api_key, headers = self._base_url, self._api_key, None
@@ -210,6 +221,14 @@ class ServedModel(Model):
                 aclose = getattr(stream, "aclose", None)
                 if aclose is not None:
                     await aclose()
+
+
+async def instructions_of(agent: Agent[Any]) -> str | None:
+    """The agent's system prompt as a run would start it, or None if it needs a run's context."""
+    try:
+        return await agent.get_system_prompt(RunContextWrapper(None))
+    except Exception:  # instructions that read the run's context: nothing to read ahead
+        return None
 
 
 def body_fields(settings: ModelSettings) -> dict[str, Any]:
