@@ -172,7 +172,7 @@ class LocalServer:
     async def slot_for(self, prompt: Iterable[str]) -> AsyncIterator[int | None]:
         """The slot a request for ``prompt`` should name (``id_slot``; see ``Slots``), held meanwhile.
 
-        When the request starts a new conversation from a prefix that was kept (``keep``), the
+        When the request starts a new conversation from a prefix kept by ``read_ahead``, the
         prefix is first restored into the slot from its file: 1-4 ms instead of reading it again.
         """
         with self.slots.take(prompt) as choice:
