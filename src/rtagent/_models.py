@@ -141,7 +141,7 @@ class ServedModel(Model):
 
     @contextlib.asynccontextmanager
     async def _pinned(self, settings: ModelSettings, prompt: Iterable[str]) -> AsyncIterator[ModelSettings]:
-        """``settings`` naming the embedded server's slot for ``prompt`` (see ``_local.Slots``).
+        """``settings`` naming the embedded server's slot for ``prompt`` (see ``_slots.Slots``).
 
         ``prompt`` is only read for an embedded server: pass a generator, so a remote model's
         requests pay nothing for it.

@@ -33,7 +33,7 @@ class Slots:
     holds, a request gets:
 
     1. the one whose whole cached prompt starts its own: the same conversation, a turn later;
-    2. else, when a kept prefix (an agent's tool prompt, see ``LocalServer.keep``) starts it, an
+    2. else, when a kept prefix (an agent's fixed prompt, see ``LocalServer.read_ahead``) starts it, an
        empty slot or the least recently used, with the prefix restored into it: a new
        conversation does not overwrite another one's cache (two chats of one agent shared a
        slot, and each turn re-read its own history: first text after 321, 431, 548, 720 ms);
@@ -88,7 +88,7 @@ class Slots:
         def shared(slot: int) -> int:
             return _shared_start(self._prompts[slot], key)
 
-        going_on = [slot for slot in free if self._prompts[slot] and shared(slot) == len(self._prompts[slot])]
+        going_on = [slot for slot in free if self._prompts[slot] and _starts(key, self._prompts[slot])]
         if going_on:
             return Choice(max(going_on, key=shared))
         best = max(free, key=lambda slot: (shared(slot), -self._released[slot]))
