@@ -219,6 +219,39 @@ async def test_two_conversations_of_one_prefix_keep_their_own_caches(server: Loc
             chat.append({"role": "assistant", "content": "Yes."})
 
 
+async def test_a_conversation_in_the_slot_of_another_of_its_prefix_needs_no_restore(
+    server: LocalServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    system = f"Desk {secrets.token_hex(4)}. " + "You are the help desk of a library. " * 25
+    api = client(server)
+    restores: list[int] = []
+    slot_action = LocalServer._slot_action
+
+    async def counted(http: httpx.AsyncClient, slot: int, action: str, filename: str) -> bool:
+        if action == "restore":
+            restores.append(slot)
+        return await slot_action(http, slot, action, filename)
+
+    monkeypatch.setattr(LocalServer, "_slot_action", staticmethod(counted))
+    await server.read_ahead("m", [{"role": "system", "content": system}], [f"system: {system}"])
+    # One conversation more than there are slots: the last takes the least recently used one,
+    # which holds another conversation of this prefix.
+    for number in range(server.n_parallel + 1):
+        messages: list[ChatCompletionMessageParam] = [
+            {"role": "system", "content": system},
+            {"role": "user", "content": f"Conversation {number}: can I renew a book?"},
+        ]
+        async with server.slot_for(f"{m['role']}: {m['content']}" for m in messages) as slot:
+            answer = await api.chat.completions.create(
+                model="m", messages=messages, max_tokens=2, temperature=0, extra_body={"id_slot": slot}
+            )
+        timings = (answer.model_extra or {})["timings"]
+        assert timings["cache_n"] > 180  # the prefix, restored or left by the other conversation
+        assert timings["prompt_n"] < 30
+    # The first went on in the warmed slot; the last found the prefix in place.
+    assert len(restores) <= server.n_parallel - 1
+
+
 async def test_a_request_right_after_a_closed_stream_finds_its_prompt_cached(server: LocalServer) -> None:
     # Unique instructions: no slot holds this prompt from an earlier test.
     system = f"Session {secrets.token_hex(4)}. " + "You are a helpful, concise assistant. " * 30

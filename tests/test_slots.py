@@ -40,4 +40,9 @@ def test_a_new_conversation_starts_from_the_kept_prefix_in_a_slot_of_its_own() -
     assert third.restore == "prefix.bin"
     fourth = slot_of(slots, [*prefix, "b"])
     assert fourth.index == first.index  # no empty slot left: the least recently used
+    assert fourth.restore is None  # whose cache starts with the prefix: llama.cpp keeps that part
     assert slot_of(slots, ["other instructions", "hi"]) == Choice(second.index)  # nothing kept starts it
+    assert slot_of(slots, [*prefix, "a", "x"]) == Choice(third.index)
+    assert slot_of(slots, [*prefix, "b", "y"]) == Choice(first.index)
+    # The least recently used slot now holds another prompt: the prefix is restored over it.
+    assert slot_of(slots, [*prefix, "c"]) == Choice(second.index, "prefix.bin")
