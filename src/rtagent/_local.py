@@ -237,7 +237,8 @@ class LocalServer:
         # holds: 18 new prompt tokens took 124-144 ms over 27 cached and 304-362 ms over 1,611
         # (decoding then 28-33 ms a token), against 130-160 and 209-222 ms (20-25) without it. A
         # tool prompt holds ~200 tokens from the start and a chat soon more, about where the two
-        # cross. The price: a prompt read cold (once per conversation) takes 4-26% longer.
+        # cross. The price: a prompt read with nothing of it cached (an agent's first, or a
+        # conversation whose slot went to another) takes 4-26% longer (200 to 2,268 tokens).
         params.flash_attn_type = xllamacpp.llama_flash_attn_type.LLAMA_FLASH_ATTN_TYPE_DISABLED
         params.cpuparams.n_threads = self.n_threads
         params.cpuparams_batch.n_threads = self.n_threads
