@@ -34,6 +34,16 @@ def client(server: LocalServer) -> openai.AsyncOpenAI:
     )
 
 
+async def timed_reply(server: LocalServer, messages: list[ChatCompletionMessageParam]) -> dict[str, float]:
+    """llama.cpp's timings of a short reply, in the slot ``slot_for`` names for the messages."""
+    async with server.slot_for(f"{m['role']}: {m['content']}" for m in messages) as slot:
+        answer = await client(server).chat.completions.create(
+            model="m", messages=messages, max_tokens=4, temperature=0, extra_body={"id_slot": slot}
+        )
+    timings: dict[str, float] = (answer.model_extra or {})["timings"]
+    return timings
+
+
 async def metric(server: LocalServer, name: str) -> float:
     async with httpx.AsyncClient(headers={"Authorization": f"Bearer {server.api_key}"}) as http:
         text = (await http.get(f"{server.address}/metrics")).text
@@ -195,23 +205,13 @@ async def test_a_bad_model_file_fails_in_one_line(
 async def test_two_conversations_of_one_prefix_keep_their_own_caches(server: LocalServer) -> None:
     # Unique instructions: no slot holds this prompt from an earlier test.
     system = f"Shop {secrets.token_hex(4)}. " + "You are a friendly shop assistant. " * 25
-    api = client(server)
-
-    async def ask(messages: list[ChatCompletionMessageParam]) -> dict[str, float]:
-        async with server.slot_for(f"{m['role']}: {m['content']}" for m in messages) as slot:
-            answer = await api.chat.completions.create(
-                model="m", messages=messages, max_tokens=4, temperature=0, extra_body={"id_slot": slot}
-            )
-        timings: dict[str, float] = (answer.model_extra or {})["timings"]
-        return timings
-
     await server.read_ahead("m", [{"role": "system", "content": system}], [f"system: {system}"])
     prefix: list[ChatCompletionMessageParam] = [{"role": "system", "content": system}]
     chats: list[list[ChatCompletionMessageParam]] = [list(prefix), list(prefix)]
     for turn in range(3):
         for number, chat in enumerate(chats):
             chat.append({"role": "user", "content": f"Question {turn} of chat {number}: do you sell hats?"})
-            timings = await ask(chat)
+            timings = await timed_reply(server, chat)
             # The prefix (about 200 tokens) is never read again, nor a conversation's own history
             # when the other one had the turn in between: only the new message is.
             assert timings["cache_n"] > 180 + 20 * turn
@@ -223,7 +223,6 @@ async def test_a_conversation_in_the_slot_of_another_of_its_prefix_needs_no_rest
     server: LocalServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     system = f"Desk {secrets.token_hex(4)}. " + "You are the help desk of a library. " * 25
-    api = client(server)
     restores: list[int] = []
     slot_action = LocalServer._slot_action
 
@@ -241,11 +240,7 @@ async def test_a_conversation_in_the_slot_of_another_of_its_prefix_needs_no_rest
             {"role": "system", "content": system},
             {"role": "user", "content": f"Conversation {number}: can I renew a book?"},
         ]
-        async with server.slot_for(f"{m['role']}: {m['content']}" for m in messages) as slot:
-            answer = await api.chat.completions.create(
-                model="m", messages=messages, max_tokens=2, temperature=0, extra_body={"id_slot": slot}
-            )
-        timings = (answer.model_extra or {})["timings"]
+        timings = await timed_reply(server, messages)
         assert timings["cache_n"] > 180  # the prefix, restored or left by the other conversation
         assert timings["prompt_n"] < 30
     # The first went on in the warmed slot; the last found the prefix in place.
