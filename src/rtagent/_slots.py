@@ -33,11 +33,11 @@ class Slots:
     holds, a request gets:
 
     1. the one whose whole cached prompt starts its own: the same conversation, a turn later;
-    2. else, when a kept prefix (an agent's fixed prompt, see ``LocalServer.read_ahead``) starts it, an
-       empty slot or the least recently used, with the prefix restored into it unless that slot
-       holds it already (about 4 ms a restore, round trip included): a new
-       conversation does not overwrite another one's cache (two chats of one agent shared a
-       slot, and each turn re-read its own history: first text after 321, 431, 548, 720 ms);
+    2. else, when a kept prefix (an agent's fixed prompt, see ``LocalServer.read_ahead``) starts
+       it, an empty slot or the least recently used, with the prefix restored into it unless that
+       slot holds it already (a restore takes about 4 ms, round trip included): a new conversation
+       does not overwrite another one's cache (two chats of one agent shared a slot, and each
+       turn re-read its own history: first text after 321, 431, 548, 720 ms);
     3. else the one sharing the longest start with it, the least recently used on a tie;
 
     and no slot (llama.cpp's own choice) when every slot is held.
