@@ -6,6 +6,7 @@ import asyncio
 import importlib.util
 import re
 import secrets
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -85,6 +86,21 @@ async def test_start_is_shared_and_close_is_idempotent(capfd: pytest.CaptureFixt
             await http.get(f"{address}/health")
     # llama.cpp logs every step to stderr unless silenced; a terminal chat must see none of it.
     assert capfd.readouterr().err == ""
+
+
+def test_a_kept_prefix_lives_in_the_servers_folder_until_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    local = LocalServer(default_model_path())
+    local.start_sync()
+    system = "You are a helpful assistant. " * 10
+    asyncio.run(local.read_ahead("m", [{"role": "system", "content": system}], [f"system: {system}"]))
+    saved = list(tmp_path.rglob("*.bin"))
+    assert len(saved) == 1
+    assert saved[0].parent != tmp_path  # in the server's own folder, removed with it
+    local.close()
+    assert list(tmp_path.iterdir()) == []
 
 
 async def test_streams_a_chat_completion(server: LocalServer) -> None:

@@ -244,7 +244,8 @@ class LocalServer:
         params.cpuparams_batch.n_threads = self.n_threads
         params.cache_prompt = True
         params.cache_ram_mib = _PROMPT_CACHE_MIB
-        params.slot_save_path = saves
+        # llama.cpp joins this and a file name as strings; only its command line adds the "/".
+        params.slot_save_path = os.path.join(saves, "")
         params.endpoint_metrics = True
         params.endpoint_slots = True
         params.ui = False
