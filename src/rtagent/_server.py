@@ -70,7 +70,7 @@ from ._limits import (
 )
 from ._loading import load_agent
 from ._models import ModelSpec, resolve_model
-from ._transport import EventStream, Socket
+from ._transport import App, EventStream, Socket
 from ._workers import Peers
 
 DEFAULT_DB = "rtagent.db"
@@ -346,7 +346,7 @@ def create_app(
         yield
         await server.aclose()
 
-    app = Starlette(
+    app = App(
         routes=routes,
         middleware=middleware,
         lifespan=lifespan,
