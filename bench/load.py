@@ -18,18 +18,23 @@ is sent, like a real model client (``--model scripted``: the project's test doub
 
 Load: ``--clients`` separate processes (``bench/load_client.py``, raw asyncio protocols on uvloop),
 each session on its own connection with a unique thread id, one reply per session. For one N the
-sessions start evenly over ``max(--min-spread, N / --rate)`` seconds (500 a second by default, so
-their tokens do not all fall on the same instant), and each reply is long enough that after the last
-start every session still streams for ``--plateau`` seconds. A client records when each text event
-arrives (TEXT_MESSAGE_CONTENT for rtagent, a ``data: {"delta"...}`` line for the baseline); the
-**added gap** is the time between consecutive text events of a session minus ``--interval``
-(what the model itself waits). The pass criterion uses the gaps that end in the **plateau**
-(from ``--settle`` s after the last start to the earliest possible end: N sessions streaming at
-once); ``added_gap_all_ms`` has every gap, ramp-up included. A session whose first text event comes
-only after the plateau has begun is **late**: then fewer than N streams were measured at once, so a
-step passes only with no late session (and no error) and a plateau p99 under ``--max-p99-ms``.
-Time to first token is from the connection attempt to the first text event; errors are refused or
-broken connections, timeouts, a RUN_ERROR, or a reply with fewer deltas than asked.
+sessions start evenly over ``max(--min-spread, N / --rate)`` seconds, and each reply is long enough
+that after the last start every session still streams for ``--plateau`` seconds. The default rate,
+100 a second, is a ramp-up, as load tools (k6, Locust) ramp their users, and puts the sessions'
+tokens at spread-out instants: 1,000 sessions arrive over 10 s, and each then streams for 16 s, so
+they arrive faster than keeping 1,000 such streams going takes (1,000 / 16 s = 63 a second).
+``--rate 500`` measures a burst instead: the last sessions' first text then waits for hundreds of
+others to be admitted, and both servers fail there mostly on late sessions, not on the gaps. A
+client records when each text event arrives (TEXT_MESSAGE_CONTENT for rtagent, a
+``data: {"delta"...}`` line for the baseline); the **added gap** is the time between consecutive
+text events of a session minus ``--interval`` (what the model itself waits). The pass criterion uses
+the gaps that end in the **plateau** (from ``--settle`` s after the last start to the earliest
+possible end: N sessions streaming at once); ``added_gap_all_ms`` has every gap, ramp-up included. A
+session whose first text event comes only after the plateau has begun is **late**: then fewer than N
+streams were measured at once, so a step passes only with no late session (and no error) and a
+plateau p99 under ``--max-p99-ms``. Time to first token is from the connection attempt to the first
+text event; errors are refused or broken connections, timeouts, a RUN_ERROR, or a reply with fewer
+deltas than asked.
 
 N ramps through ``--ns``; at each N each server runs ``--repeats`` times (interleaved, alternating
 which goes first) and the run with the lowest plateau p99 counts (the machine's other load only
@@ -53,7 +58,7 @@ memory``.
 File descriptors: the soft ``RLIMIT_NOFILE`` is raised to the hard limit in this process and in
 the clients (check ``ulimit -Hn``: each session holds a descriptor in a client and in a server).
 
-Run: ``.venv/bin/python bench/load.py`` (about 5-8 minutes; ``--quick`` for a smoke run of about
+Run: ``.venv/bin/python bench/load.py`` (about 11 minutes; ``--quick`` for a smoke run of about
 30 s; ``--help`` for the options). Prints JSON to stdout, one line per step to stderr. Profiling:
 ``--profile-server rtagent --py-spy PATH/TO/py-spy`` samples that server with py-spy during each of
 its measured steps (raw collapsed stacks in ``--profile-out``-rtagent-N.txt; py-spy installs from
@@ -508,7 +513,7 @@ def main() -> None:
     parser.add_argument("--ns", type=lambda text: tuple(int(x) for x in text.split(",")), default=None)
     parser.add_argument("--servers", type=lambda text: tuple(text.split(",")), default=SERVERS)
     parser.add_argument("--interval", type=float, default=0.05, help="seconds between text deltas")
-    parser.add_argument("--rate", type=float, default=None, help="sessions started per second (500)")
+    parser.add_argument("--rate", type=float, default=None, help="sessions started per second (100)")
     parser.add_argument(
         "--min-spread", type=float, default=1.0, help="seconds over which sessions start, at least"
     )
@@ -564,7 +569,7 @@ def main() -> None:
     parser.add_argument("--py-spy", default=None, help="the py-spy executable, to sample instead of cProfile")
     args = parser.parse_args()
     args.ns = args.ns or (QUICK_NS if args.quick else DEFAULT_NS)
-    args.rate = args.rate or (200.0 if args.quick else 500.0)
+    args.rate = args.rate or (200.0 if args.quick else 100.0)
     args.plateau = args.plateau or (1.5 if args.quick else 6.0)
     args.repeats = args.repeats or (1 if args.quick else 2)
     args.refine = args.refine if args.refine is not None else (0 if args.quick else 2)
