@@ -94,12 +94,14 @@ def test_a_kept_prefix_lives_in_the_servers_folder_until_close(
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     local = LocalServer(default_model_path())
     local.start_sync()
-    system = "You are a helpful assistant. " * 10
-    asyncio.run(local.read_ahead("m", [{"role": "system", "content": system}], [f"system: {system}"]))
-    saved = list(tmp_path.rglob("*.bin"))
-    assert len(saved) == 1
-    assert saved[0].parent != tmp_path  # in the server's own folder, removed with it
-    local.close()
+    try:
+        system = "You are a helpful assistant. " * 10
+        asyncio.run(local.read_ahead("m", [{"role": "system", "content": system}], [f"system: {system}"]))
+        saved = list(tmp_path.rglob("*.bin"))
+        assert len(saved) == 1
+        assert saved[0].parent != tmp_path  # in the server's own folder, removed with it
+    finally:
+        local.close()  # a failed assertion must not leave a second model loaded for the other tests
     assert list(tmp_path.iterdir()) == []
 
 
