@@ -6,13 +6,13 @@ import json
 from typing import Any
 
 import pytest
-from ag_ui.core import BaseEvent, Event, UserMessage
+from ag_ui.core import BaseEvent, Event, TextMessageContentEvent, UserMessage
 from ag_ui.encoder import EventEncoder
 from agents import Agent, SQLiteSession, function_tool
 from pydantic import TypeAdapter
 
 import rtagent
-from rtagent._agui import RunMapper, dump, history_messages
+from rtagent._agui import RunMapper, TextContent, dump, history_messages
 from rtagent._events import (
     TextDelta,
     Thinking,
@@ -90,6 +90,19 @@ def test_text_and_tool_calls_of_one_response_share_a_message() -> None:
     assert results[0]["metadata"] == {"rtagent": {"durationS": 0.5}}
     assert results[1]["metadata"] == {"rtagent": {"durationS": 1.0, "error": "ValueError: no"}}
     assert events[-1]["result"]["metrics"]["tokensPerS"] == 30.0
+
+
+DELTAS = [" tok1", 'say "hi"\n', "caf\u00e9 \U0001f600", "</script><img src=x>", "\\"]
+
+
+@pytest.mark.parametrize("delta", DELTAS)
+def test_streamed_text_is_the_packages_own_bytes(delta: str) -> None:
+    # The fast class must stay byte-for-byte what ag-ui-protocol sends, through any upgrade of it.
+    encoder = EventEncoder()
+    ours = encoder.encode(TextContent(message_id="r-1", delta=delta))
+    assert ours == encoder.encode(TextMessageContentEvent(message_id="r-1", delta=delta))
+    assert isinstance(TextContent(message_id="r-1", delta=delta), TextMessageContentEvent)
+    assert wire([TextContent(message_id="r-1", delta=delta)])[0]["delta"] == delta
 
 
 def test_a_tool_only_response_still_gets_a_parent_message() -> None:
