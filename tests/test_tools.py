@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 import pytest
-from agents import Agent, RunContextWrapper, function_tool
+from agents import Agent, RunContextWrapper, Tool, function_tool
 
 import rtagent
 from rtagent import ToolFinished, ToolProgress, TurnFinished
@@ -137,3 +137,20 @@ async def test_sync_tool_in_a_thread_is_not_blamed(caplog: pytest.LogCaptureFixt
     with caplog.at_level(logging.WARNING, logger="rtagent"):
         await run_events(Agent(name="a", model=model, tools=[threaded]))
     assert [r for r in caplog.records if r.name == "rtagent"] == []
+
+
+async def test_a_turn_instruments_a_copy_and_leaves_the_agent_as_it_was() -> None:
+    @function_tool
+    def lookup() -> str:
+        """Looks something up."""
+        return "found"
+
+    model = ScriptedModel([tool_calls(call("lookup", {}, call_id="c1")), reply(["done"])])
+    tools: list[Tool] = [lookup]
+    agent = Agent(name="a", model=model, tools=tools)
+    invoke = lookup.on_invoke_tool
+    events = await run_events(agent)
+    assert [e.output for e in events if isinstance(e, ToolFinished)] == ["found"]
+    assert agent.tools is tools
+    assert tools == [lookup]
+    assert lookup.on_invoke_tool is invoke

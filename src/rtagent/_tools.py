@@ -139,8 +139,9 @@ def instrument(agent: Agent[Any], sink: ToolSink) -> Agent[Any]:
     """A copy of ``agent`` whose function tools report to ``sink``."""
     loop = asyncio.get_running_loop()
     _Watchdog.ensure(loop)
-    tools = [_instrument(t, sink, loop) if isinstance(t, FunctionTool) else t for t in agent.tools]
-    return agent.clone(tools=tools)
+    copied = copy.copy(agent)  # ``clone`` would validate every field again: 0.1-0.2 ms a turn
+    copied.tools = [_instrument(t, sink, loop) if isinstance(t, FunctionTool) else t for t in agent.tools]
+    return copied
 
 
 ErrorFunction = Callable[[RunContextWrapper[Any], Exception], str | Awaitable[str]]
