@@ -114,6 +114,22 @@ def _raise_fd_limit() -> dict[str, int]:
     return {"soft_before": before, "soft": soft, "hard": hard}
 
 
+def _cpu_probe_ms() -> float:
+    """Milliseconds one core takes for a fixed piece of pure-Python work (best of 5).
+
+    Runs of this benchmark on different machines (or days: a VM's host changes) differ in speed;
+    this figure, beside each run's results, tells how much of a change is the machine's.
+    """
+    payload = {"type": "TEXT_MESSAGE_CONTENT", "messageId": "r-1", "delta": " tok1", "n": list(range(20))}
+    best = math.inf
+    for _ in range(5):
+        began = time.perf_counter()
+        for _ in range(20_000):
+            json.loads(json.dumps(payload))
+        best = min(best, time.perf_counter() - began)
+    return round(best * 1e3, 1)
+
+
 def _percentile(ordered: list[float], q: float) -> float | None:
     if not ordered:
         return None
@@ -439,6 +455,7 @@ def _bisect(server: Server, granularity: int) -> int | None:
 
 def _run(args: argparse.Namespace, fd_limit: dict[str, int]) -> dict[str, Any]:
     load_before = os.getloadavg()
+    probe_ms = _cpu_probe_ms()  # before any server starts, on a quiet machine
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="rtagent-load-") as tmp:
         servers: list[Server] = []
@@ -484,6 +501,7 @@ def _run(args: argparse.Namespace, fd_limit: dict[str, int]) -> dict[str, Any]:
             "rtagent_gc_threshold": args.gc_threshold,
             "max_p99_ms": args.max_p99_ms,
             "cpus": os.cpu_count(),
+            "cpu_probe_ms": probe_ms,
             "fd_limit": fd_limit,
             "load_avg_before": [round(x, 2) for x in load_before],
             "load_avg_after": [round(x, 2) for x in os.getloadavg()],
