@@ -48,6 +48,10 @@ the clients' own event-loop lag (a 5 ms sleep timed in a loop: a client too busy
 sockets would pass its lateness for the server's; its p99 should stay small next to 50 ms). The
 result per server is ``max_n_p99_under_50ms`` and ``ratio_rtagent_over_baseline``. The machine is
 shared (2 cores): hence both servers in one run, interleaved, and a ratio; ``load_avg_1m`` is noted.
+Machines differ too (a VM's host changes from day to day): ``method.cpu_probe_ms``, one core's time
+for a fixed piece of pure-Python work taken before the servers start, tells runs on a faster or
+slower machine apart (164-167 ms on 2026-12-02, a machine on which every server's CPU per token
+was about 1.6 times that of the day before).
 
 Candidate fixes, off by default (the default measures rtagent as shipped, which freezes the objects
 alive after its start-up out of the collector's view itself; ``--gc-freeze both`` does the same for
