@@ -21,7 +21,7 @@ objects alive after start-up out of the garbage collector's view (``freeze_after
 ``LOAD_GC_LOG=1`` prints every full collection, with its duration, to stderr. Either server also
 answers ``GET /load/gc`` with the time its garbage collector took so far (``GcStats``);
 ``LOAD_GC_THRESHOLD=A,B,C`` calls ``gc.set_threshold(A, B, C)``;
-``LOAD_SQLITE_SYNC=NORMAL`` sets ``PRAGMA synchronous`` on rtagent's database connection;
+``LOAD_SQLITE_SYNC=FULL`` sets ``PRAGMA synchronous`` on rtagent's database connection;
 ``LOAD_WORKERS=N`` runs N worker processes on the port, as ``rtagent serve --workers N`` does
 (rtagent's share the database through ``create_app(peers=...)``; the baseline keeps no state).
 """
@@ -204,7 +204,7 @@ def rtagent_app(
     agent = Agent(name="bench", instructions=INSTRUCTIONS, model=model)
     limits = Limits(rate_per_s=0, max_turns=1_000_000)
     app = create_app(agent, model=model, db_path=db_path, limits=limits, peers=peers)
-    if synchronous:  # e.g. NORMAL: in WAL mode a commit then no longer waits for an fsync
+    if synchronous:  # e.g. FULL: every commit then waits for an fsync, as the SDK's own sessions do
         db = app.state.server.db
         with db.lock:
             db.connection.execute(f"PRAGMA synchronous={synchronous}")

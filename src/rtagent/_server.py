@@ -30,17 +30,14 @@ import itertools
 import json
 import logging
 import os
-import sqlite3
 import sys
 import tempfile
-import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from agents import Agent, SQLiteSession
-from agents.memory import SessionSettings
+from agents import Agent
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -70,53 +67,12 @@ from ._limits import (
 )
 from ._loading import load_agent
 from ._models import ModelSpec, resolve_model
+from ._store import Store
 from ._transport import App, EventStream, Socket
 from ._workers import Peers
 
 DEFAULT_DB = "rtagent.db"
 STATIC = Path(__file__).with_name("static")
-
-
-class _Session(SQLiteSession):
-    """The SDK's ``SQLiteSession`` (same file, same tables), on the server's one shared connection.
-
-    The SDK opens a connection per session and per worker thread, yet every operation on a file
-    holds one process-wide lock: a thousand conversations held thousands of file descriptors (and
-    paid a connect each) for no added concurrency. Here every session uses one connection, under
-    one lock. ``SQLiteSession.__init__`` is not called: it would open, configure and run the
-    schema on a connection of its own for every conversation (0.2 ms, in a worker thread), and
-    none of its other state is used with the connection overridden.
-    """
-
-    def __init__(self, session_id: str, db: _Database) -> None:
-        self.session_id = session_id
-        self.session_settings = SessionSettings()
-        self.db_path = db.path
-        self.sessions_table = "agent_sessions"
-        self.messages_table = "agent_messages"
-        self._lock = db.lock
-        self._closed = False
-        self._db = db
-
-    def _get_connection(self) -> sqlite3.Connection:
-        self._check_not_closed()
-        return self._db.connection
-
-    def _invalidate_connection(self, conn: sqlite3.Connection) -> None:
-        pass  # the SDK would close it after a failed rollback; shared, it must stay open
-
-    def close(self) -> None:
-        self._closed = True  # the connection is the server's, closed with it
-
-
-class _Database:
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.lock = threading.RLock()
-        self.connection = sqlite3.connect(path, check_same_thread=False)
-        SQLiteSession._configure_connection(self.connection)
-        # The SDK's tables, once, on this connection (for ":memory:" the only place they exist).
-        _Session("", self)._init_db_for_connection(self.connection)
 
 
 class _Server:
@@ -135,7 +91,7 @@ class _Server:
         self.agent = agent
         self.cors_origins = frozenset(cors_origins)
         self.model = resolve_model(model, agent)  # a bad spec fails here, at start-up, in one line
-        self.db = _Database(str(db_path))
+        self.db = Store(str(db_path))
         self.peers = None if peers is None else Peers(peers)
         self.policy: Policy = policy
         self.limits = limits
@@ -150,7 +106,7 @@ class _Server:
         chat = self._chats.get(thread_id)
         if chat is None:
             self._make_room()
-            session = _Session(thread_id, self.db)  # no I/O: the history is read when a turn needs it
+            session = self.db.session(thread_id)  # no I/O: the history is read when a turn needs it
             chat = Chat(self.agent, session=session, policy=self.policy, model=self.model)
             self._chats[thread_id] = chat
             self.metrics.sessions.set(len(self._chats))
@@ -205,8 +161,7 @@ class _Server:
         if self.peers is not None:
             await self.peers.aclose()
         self.metrics.close()
-        with self.db.lock:
-            self.db.connection.close()
+        self.db.close()
 
     # -- HTTP endpoints -------------------------------------------------------------------------
 
