@@ -17,6 +17,7 @@ operations run inline, which is cheap because nothing in them waits for the disk
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -67,8 +68,10 @@ class Store:
         connection = sqlite3.connect(self.path, timeout=30)
         try:
             while not self._stop.wait(CHECKPOINT_S):
-                # PASSIVE: copies what no reader still needs, and never blocks a writer.
-                connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                # PASSIVE: copies what no reader still needs, and never blocks a writer. One that
+                # fails (a locked or busy file) leaves the journal as it was, for the next one.
+                with contextlib.suppress(sqlite3.OperationalError):
+                    connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
         finally:
             connection.close()
 
