@@ -13,6 +13,10 @@ operations run inline, which is cheap because nothing in them waits for the disk
   commits, never the file's consistency (SQLite's documented guarantee for this mode);
 - the fsyncs happen in checkpoints, which a background thread runs on a connection of its own
   (``CHECKPOINT_S``), so no stream waits for the disk.
+
+What can still hold the loop is another process writing the same file (``serve --workers``):
+SQLite's busy handler then sleeps a millisecond or more. Measured with two workers, 500 sessions:
+a read or write held the connection 0.2 ms at the median, 1.4 ms at p99, 5.5 ms at most.
 """
 
 from __future__ import annotations
