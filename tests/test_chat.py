@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from typing import Any
 
 from agents import Agent, SQLiteSession, function_tool
@@ -188,3 +190,20 @@ async def test_chat_stays_usable_after_a_failed_turn() -> None:
     last = [e async for e in chat.send("two")][-1]
     assert isinstance(last, TurnFinished)
     assert last.result.text == "back"
+
+
+async def test_a_long_conversation_keeps_only_its_latest_turn_alive() -> None:
+    # Each turn waits for the one before it; once it has, holding on to it would keep every turn of
+    # the conversation (text, items, results) in memory for as long as the chat lives.
+    model = ScriptedModel([reply(f"answer {i}") for i in range(3)])
+    chat = rtagent.Chat(Agent(name="a", model=model))
+    turn = chat.send("one")
+    await turn.wait()
+    first = weakref.ref(turn)
+    del turn
+    await chat.send("two").wait()
+    await chat.send("three").wait()
+    gc.collect()
+    assert first() is None
+    texts = [item.get("content") for item in await chat.history()]
+    assert texts[::2] == ["one", "two", "three"]

@@ -205,8 +205,12 @@ class Turn:
     async def _drive(self) -> None:
         error: BaseException | None = None
         try:
-            if self._after is not None:
-                await self._after._ended.wait()
+            # Let go of the turn before once it has ended: a turn that kept it would keep the
+            # whole conversation, turn by turn, alive as long as its chat.
+            after, self._after = self._after, None
+            if after is not None:
+                await after._ended.wait()
+                del after
             options = self._options
             run_config = options.get("run_config") or RunConfig(tracing_disabled=True)
             run_config = replace(
