@@ -207,3 +207,62 @@ async def test_a_long_conversation_keeps_only_its_latest_turn_alive() -> None:
     assert first() is None
     texts = [item.get("content") for item in await chat.history()]
     assert texts[::2] == ["one", "two", "three"]
+
+
+async def test_a_message_interrupted_before_the_model_is_called_stays_in_the_history() -> None:
+    # The second message interrupts the first before its turn has taken a step: the SDK saves a
+    # message only just before its model call, so without rtagent "one" was never saved.
+    model = ScriptedModel([reply("Both read.")])
+    chat = rtagent.Chat(Agent(name="a", model=model))
+    first = chat.send("one")
+    second = chat.send("two")
+    assert (await second.wait()).text == "Both read."
+    assert first.result.interrupted
+    assert len(model.calls) == 1
+    both = [{"content": "one", "role": "user"}, {"content": "two", "role": "user"}]
+    assert model.calls[0].input == both
+    history = await chat.history()
+    assert history[:2] == both
+    assert len(history) == 3
+
+
+async def test_a_message_interrupted_while_the_history_is_read_is_saved_once() -> None:
+    # Interrupted inside the SDK run, before its model call: whether the SDK had saved the
+    # message decides whether rtagent does, so it is there exactly once either way.
+    class SlowReads(SQLiteSession):
+        async def get_items(self, limit: int | None = None) -> list[Any]:
+            await asyncio.sleep(0.05)
+            return await super().get_items(limit)
+
+    model = ScriptedModel([reply("never sent")])
+    chat = rtagent.Chat(Agent(name="a", model=model), session=SlowReads("slow"))
+    turn = chat.send("hello")
+    await asyncio.sleep(0.01)
+    turn.interrupt()
+    await turn.wait()
+    assert turn.result.interrupted
+    assert len(model.calls) == 0
+    assert await chat.history() == [{"content": "hello", "role": "user"}]
+
+
+async def test_stopping_a_queued_message_stops_the_reply_it_waits_for_and_keeps_both() -> None:
+    model = ScriptedModel([reply(WORDS, delay=0.005), reply("unused")])
+    chat = rtagent.Chat(Agent(name="a", model=model), policy="queue")
+    first = chat.send("first")
+    seen = 0
+    async for event in first:
+        if isinstance(event, TextDelta):
+            seen += 1
+            if seen == 3:
+                queued = chat.send("second")
+                queued.interrupt()
+    assert seen < 20
+    await asyncio.wait_for(queued.wait(), 5)
+    assert first.result.interrupted
+    assert queued.result.interrupted
+    assert len(model.calls) == 1
+    history = await chat.history()
+    assert [item.get("role") for item in history] == ["user", "assistant", "user"]
+    assert history[0]["content"] == "first"  # type: ignore[typeddict-item]
+    assert history[1]["status"] == "incomplete"  # type: ignore[typeddict-item]
+    assert history[2]["content"] == "second"  # type: ignore[typeddict-item]

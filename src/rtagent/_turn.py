@@ -19,7 +19,7 @@ from dataclasses import replace
 from types import TracebackType
 from typing import Any, TypedDict, Unpack
 
-from agents import Agent, RunConfig, RunHooks, Runner
+from agents import Agent, ItemHelpers, RunConfig, RunHooks, Runner
 from agents.items import TResponseInputItem, TResponseStreamEvent
 from agents.memory import Session
 from agents.result import RunResultStreaming
@@ -139,8 +139,12 @@ class Turn:
             self._trim(dropped)
         if self._sdk is not None:
             self._sdk.cancel()
-        else:
-            self._task.cancel()
+        elif self._after is not None:
+            # Still waiting for the turn before: that one stops too (a stop stops the conversation,
+            # whatever the policy), and this one then saves its message after that one's reply.
+            self._after.interrupt()
+        # Not cancelled before the run: cancelled before its first step, the task would never
+        # run, and the message the user sent (and saw) would never be saved.
 
     @property
     def done(self) -> bool:
@@ -207,28 +211,11 @@ class Turn:
         try:
             # Let go of the turn before once it has ended: a turn that kept it would keep the
             # whole conversation, turn by turn, alive as long as its chat.
-            after, self._after = self._after, None
-            if after is not None:
-                await after._ended.wait()
-                del after
-            options = self._options
-            run_config = options.get("run_config") or RunConfig(tracing_disabled=True)
-            run_config = replace(
-                run_config,
-                model=Tap(resolve_model(options.get("model"), self.agent), self),
-                call_model_input_filter=with_cut_marks(run_config.call_model_input_filter),
-            )
-            self._sdk = Runner.run_streamed(
-                instrument(self.agent, self),
-                self._input,
-                context=options.get("context"),
-                max_turns=options.get("max_turns", DEFAULT_MAX_TURNS),
-                hooks=ToolHooks(self, options.get("hooks")),
-                run_config=run_config,
-                session=options.get("session"),
-            )
-            async for _ in self._sdk.stream_events():
-                pass
+            if self._after is not None:
+                await self._after._ended.wait()
+                self._after = None
+            if not self._interrupted:
+                await self._run()
         except asyncio.CancelledError:
             if not self._interrupted:
                 await self._end(None)
@@ -236,6 +223,26 @@ class Turn:
         except Exception as exc:
             error = exc
         await self._end(error)
+
+    async def _run(self) -> None:
+        options = self._options
+        run_config = options.get("run_config") or RunConfig(tracing_disabled=True)
+        run_config = replace(
+            run_config,
+            model=Tap(resolve_model(options.get("model"), self.agent), self),
+            call_model_input_filter=with_cut_marks(run_config.call_model_input_filter),
+        )
+        self._sdk = Runner.run_streamed(
+            instrument(self.agent, self),
+            self._input,
+            context=options.get("context"),
+            max_turns=options.get("max_turns", DEFAULT_MAX_TURNS),
+            hooks=ToolHooks(self, options.get("hooks")),
+            run_config=run_config,
+            session=options.get("session"),
+        )
+        async for _ in self._sdk.stream_events():
+            pass
 
     async def _end(self, error: BaseException | None) -> None:
         cut = error is not None or self._interrupted
@@ -249,10 +256,16 @@ class Turn:
             if call_id not in self._outputs:
                 self._finish_tool(call_id, name, INTERRUPTED, "interrupted", time.perf_counter())
         session = self._options.get("session")
-        if cut and session is not None and (self._response_text or self._response_calls):
+        if cut and session is not None:
             outputs = {**self._outputs, **dict.fromkeys(self._kept, STILL_RUNNING)}
             try:
-                await record_cut(session, "".join(self._response_text), self._response_calls, outputs)
+                # The SDK saves the message only just before its first model call (and says so in
+                # this field alone): a turn cut before then, waiting for the turn before it or
+                # reading the history, would drop a message the user sent and saw.
+                if self._sdk is None or not self._sdk._stream_input_persisted:
+                    await session.add_items(ItemHelpers.input_to_new_input_list(self._input))
+                if self._response_text or self._response_calls:
+                    await record_cut(session, "".join(self._response_text), self._response_calls, outputs)
             except Exception as exc:  # a broken session must not hide the turn's own outcome
                 error = error or exc
             for call_id, (name, arguments, task) in self._kept.items():
