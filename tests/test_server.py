@@ -12,10 +12,13 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -557,6 +560,75 @@ def test_serve_refuses_an_open_address_without_a_token(capsys: pytest.CaptureFix
     args.host, args.agent = "127.0.0.1", "no/such/file.py"
     assert serve_main(args) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+# -- serve --workers: no process outlives the one that started them ------------------------------
+
+SCRIPTED = str(Path(__file__).parent / "agents" / "scripted.py")
+
+
+def descendants(pid: int) -> set[int]:
+    """The live processes below ``pid``, found through each process's parent in ``/proc/PID/stat``."""
+    children: dict[int, set[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with suppress(OSError):  # a process that ended while we looked
+            # The fields after the command name, which is in parentheses and may hold anything.
+            state, parent = stat.read_text().rpartition(")")[2].split()[:2]
+            if state != "Z":
+                children.setdefault(int(parent), set()).add(int(stat.parent.name))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        below = children.get(todo.pop(), set())
+        found |= below
+        todo.extend(below)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the processes in /proc")
+def test_the_workers_end_when_serve_is_killed(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "rtagent", "serve", SCRIPTED, "--workers", "2", "--port", str(port)]
+    serve = subprocess.Popen([*command, "--db", str(tmp_path / "threads.db")], stdin=subprocess.DEVNULL)
+    below: set[int] = set()
+    try:
+        workers: set[int] = set()
+        deadline = time.monotonic() + 30
+        while len(workers) < 2 and time.monotonic() < deadline:
+            with suppress(httpx.TransportError):
+                health = httpx.get(f"http://127.0.0.1:{port}/healthz", headers={"Connection": "close"})
+                workers.add(health.json()["worker"])
+            time.sleep(0.05)
+        assert len(workers) == 2, f"workers answering: {workers}"
+        below = descendants(serve.pid)
+        assert workers < below  # and multiprocessing's resource tracker
+        serve.kill()
+        serve.wait()
+        deadline = time.monotonic() + 3
+        while (left := {pid for pid in below if alive(pid)}) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not left, f"still running after serve was killed: {left}"
+        with socket.socket() as sock:  # as a restarted server would bind it
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", port))
+            sock.listen()
+    finally:  # no strays, whatever failed
+        if serve.returncode is None:  # not reaped: the pid is still this one's
+            below |= descendants(serve.pid)
+        serve.kill()
+        serve.wait()
+        for pid in below:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 # -- the official TypeScript client ---------------------------------------------------------------

@@ -30,8 +30,11 @@ import itertools
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
+import threading
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -366,17 +369,40 @@ def serve_main(args: argparse.Namespace) -> int:
         metrics.mkdir()
         # Read by each worker (uvicorn spawns them) before it imports prometheus_client.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics)
-        os.environ[_WORKER_OPTIONS] = json.dumps({**options, "peers": peers})
+        os.environ[_WORKER_OPTIONS] = json.dumps({**options, "peers": peers, "parent": os.getpid()})
         uvicorn.run(f"{__name__}:worker_app", factory=True, workers=workers, **settings)
     return 0
 
 
 _WORKER_OPTIONS = "RTAGENT_SERVE_OPTIONS"
+# How often a worker checks that its ``serve`` process still lives.
+PARENT_CHECK_S = 0.25
 
 
 def worker_app() -> Starlette:
     """The app of one ``serve --workers`` process, from the options its parent left in the environment."""
-    return _app(json.loads(os.environ[_WORKER_OPTIONS]))
+    options = json.loads(os.environ[_WORKER_OPTIONS])
+    _stop_with(options.pop("parent"))
+    return _app(options)
+
+
+def _stop_with(parent: int) -> None:
+    """Stop this worker as its supervisor would (SIGTERM) once the ``serve`` process ``parent`` is gone.
+
+    uvicorn's supervisor stops its workers when it is asked to, but a supervisor killed outright
+    (SIGKILL, the OOM killer) leaves them serving the port, and a restart cannot bind it. A watch on
+    the parent's pid rather than Linux's parent-death signal: that fires when the supervisor's
+    *thread* that started the worker ends, and works on Linux only. The watch also sees a parent that
+    died before it began: the worker is then already another process's child.
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_S)
+        # uvicorn's handler: the worker closes the port, then ends its turns and saves them.
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="rtagent-parent-watch", daemon=True).start()
 
 
 def _app(options: dict[str, Any]) -> Starlette:
