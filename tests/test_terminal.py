@@ -244,19 +244,61 @@ def test_a_message_sent_while_the_model_loads_replaces_the_first() -> None:
     child.close(force=True)
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (("tests/agents/missing.py",), "rtagent: error: no such file: tests/agents/missing.py"),
-        (("tests/agents/scripted.py:not_an_agent",), "is a int, not an agents.Agent"),
-        ((AGENT, "--model", "bogus"), "rtagent: error: unknown model spec 'bogus'"),
-    ],
-)
+STARTUP_FAILURES = [
+    (("tests/agents/missing.py",), "rtagent: error: no such file: tests/agents/missing.py"),
+    (("tests/agents/scripted.py:not_an_agent",), "is a int, not an agents.Agent"),
+    ((AGENT, "--model", "bogus"), "rtagent: error: unknown model spec 'bogus'"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), STARTUP_FAILURES)
 def test_startup_failure_is_one_line_and_status_2(args: tuple[str, ...], message: str) -> None:
     child = spawn(*args)
     child.expect_exact(message, timeout=STARTUP_S)
     leaves_with(child, 2)
     assert "Traceback" not in (child.before or "")
+
+
+def run_piped(*args: str, stdin: str | None) -> subprocess.CompletedProcess[str]:
+    """``rtagent chat`` with ``stdin`` as its input, or /dev/null."""
+    env = {key: value for key, value in os.environ.items() if key != "RTAGENT_MODEL"}
+    return subprocess.run(
+        [str(RTAGENT), "chat", *args],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL if stdin is None else None,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=STARTUP_S,
+    )
+
+
+@pytest.mark.parametrize("stdin", [None, "exit\n", "hello\n"], ids=["devnull", "exit", "message"])
+@pytest.mark.parametrize(("args", "message"), STARTUP_FAILURES)
+def test_startup_failure_is_one_line_and_status_2_without_a_terminal(
+    args: tuple[str, ...], message: str, stdin: str | None
+) -> None:
+    # Input that ends before the agent has loaded must not hide that it failed to.
+    done = run_piped(*args, stdin=stdin)
+    assert done.returncode == 2
+    [line] = done.stderr.splitlines()
+    assert message in line
+
+
+def test_piped_lines_are_the_messages() -> None:
+    done = run_piped(AGENT, stdin="hello\nhello again\n")
+    assert done.returncode == 0
+    assert done.stderr == ""
+    assert done.stdout.splitlines() == [
+        "> hello",
+        BANNER,
+        "You said: hello (message 1)",
+        "",
+        "> hello again",
+        "You said: hello again (message 2)",
+        "",
+    ]
 
 
 def test_dumb_terminal() -> None:

@@ -241,7 +241,9 @@ def _fit_end(text: str, width: int) -> str:
 
 class _Chat:
     def __init__(self, reference: str | None, spec: str | None) -> None:
-        self._prompt: PromptSession[str] = PromptSession()
+        # None when stdin is not a terminal: lines are then read as they are, where the prompt
+        # would draw itself around each of them and warn on stderr that its input is no terminal.
+        self._prompt: PromptSession[str] | None = PromptSession() if sys.stdin.isatty() else None
         self._loading = asyncio.create_task(_load(reference, spec))
         self._loading.add_done_callback(self._on_loaded)
         self._banner_shown = False
@@ -254,23 +256,36 @@ class _Chat:
         self._quit: str | None = None
 
     async def run(self) -> int:
-        while self._quit is None:
+        while self._quit is None and self._failure() is None:
             self._show_banner(print)
             draft, self._draft = self._draft, ""
             try:
-                text = (await self._prompt.prompt_async("> ", default=draft)).strip()
+                text = (await self._read(draft)).strip()
             except KeyboardInterrupt:
                 continue
             except EOFError:
-                return 0
+                break
             if text in QUIT_WORDS:
-                return 0
+                break
             if text and self._failure() is None:
                 await self._reply(text)
-            if (error := self._failure()) is not None:
-                print(f"rtagent: error: {_describe(error)}", file=sys.stderr)
-                return 2
+        if self._prompt is None:
+            # Input from a file or a program can end before the agent has loaded, and nobody saw
+            # the prompt: the exit status is the only way the caller learns the agent is broken.
+            await asyncio.wait([self._loading])
+        if (error := self._failure()) is not None:
+            print(f"rtagent: error: {_describe(error)}", file=sys.stderr)
+            return 2
         return 0
+
+    async def _read(self, draft: str) -> str:
+        if self._prompt is not None:
+            typed: str = await self._prompt.prompt_async("> ", default=draft)
+            return typed
+        line: str = await _in_daemon_thread(sys.stdin.readline)
+        if not line:
+            raise EOFError
+        return line
 
     def _on_loaded(self, loading: asyncio.Task[_Loaded]) -> None:
         # While the prompt is up, the banner (or the failure) must not wait for the next Enter.
@@ -278,7 +293,7 @@ class _Chat:
         app = get_app_or_none()
         if app is not None and self._failure() is not None:
             app.exit(result="")
-        elif app is self._prompt.app:
+        elif self._prompt is not None and app is self._prompt.app:
             # The print may land after Enter was pressed: the reply waits for it (``_send``).
             self._printing = run_in_terminal(functools.partial(self._show_banner, print))
 
@@ -298,7 +313,8 @@ class _Chat:
         loop = asyncio.get_running_loop()
         screen = _Screen(sys.stdout)
         editor = LineEditor(on_change=screen.typing, on_enter=self._on_enter, on_interrupt=self._interrupt)
-        self._waiting.append(_Message(text, shown=True))
+        # A line read from a pipe was never on the screen, as one typed at the prompt is.
+        self._waiting.append(_Message(text, shown=self._prompt is not None))
         # Ctrl-C is a key while keys are read; when stdin is not a terminal it is still a signal.
         previous = signal.getsignal(signal.SIGINT)
         loop.add_signal_handler(signal.SIGINT, self._interrupt)
@@ -325,7 +341,7 @@ class _Chat:
             signal.signal(signal.SIGINT, previous)
 
     def _reading_keys(self, editor: LineEditor, screen: _Screen) -> contextlib.AbstractContextManager[None]:
-        if not sys.stdin.isatty():  # piped lines are the next messages, not interruptions
+        if self._prompt is None:  # piped lines are the next messages, not interruptions
             return contextlib.nullcontext()
         return reading(self._prompt.input, editor, paste=sys.stdout if screen.ansi else None)
 
