@@ -23,7 +23,7 @@ from rtagent._events import (
     TurnFinished,
 )
 from rtagent._history import call_pair, cut_reply
-from rtagent._limits import InputError, parse_run_input
+from rtagent._limits import InputError, Limits, parse_run_input
 from rtagent._result import TurnMetrics, TurnResult
 from rtagent.testing import ScriptedModel, call, reply, tool_calls
 
@@ -159,10 +159,10 @@ def test_only_a_last_user_message_is_new_input() -> None:
         "role": "user",
         "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
     }
-    assert parse_run_input(body([user]), 100)[1] == "first"
-    assert parse_run_input(body([user, assistant]), 100)[1] is None
-    assert parse_run_input(body([]), 100)[1] is None
-    assert parse_run_input(body([user, assistant, parts]), 100)[1] == "a\nb"
+    assert parse_run_input(body([user]), Limits(max_message_chars=100))[1] == "first"
+    assert parse_run_input(body([user, assistant]), Limits(max_message_chars=100))[1] is None
+    assert parse_run_input(body([]), Limits(max_message_chars=100))[1] is None
+    assert parse_run_input(body([user, assistant, parts]), Limits(max_message_chars=100))[1] == "a\nb"
 
 
 @pytest.mark.parametrize(
@@ -174,14 +174,24 @@ def test_only_a_last_user_message_is_new_input() -> None:
         (body([{"id": "1", "role": "user"}]), 422, "messages.0.user.content: Field required"),
         (body([], runId="x" * 129), 422, "runId"),
         (body([{"id": "1", "role": "user", "content": "x" * 11}]), 413, "11 characters"),
+        (body([], state=[[[[[["deep"]]]]]]), 400, "more than 5 levels deep"),
+        (b"[" * 100_000 + b"]" * 100_000, 400, "more than 5 levels deep"),
+        (body([{"id": "1", "role": "user", "content": "hi \ud800"}]), 400, "lone UTF-16 surrogate"),
+        (body([], state={"\udfff": 1}), 400, "lone UTF-16 surrogate"),
     ],
 )
 def test_bad_bodies_are_one_line_errors(raw: bytes, status: int, words: str) -> None:
     with pytest.raises(InputError) as caught:
-        parse_run_input(raw, 10)
+        parse_run_input(raw, Limits(max_message_chars=10, max_json_depth=5))
     assert caught.value.status == status
     assert words in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+def test_brackets_in_strings_do_not_count_as_nesting() -> None:
+    user = {"id": "1", "role": "user", "content": "[[[[[[[[{{{{{{"}
+    raw = body([user], state={"note": "[[[[[[[[ \\\" ]]]] [[[["})
+    assert parse_run_input(raw, Limits(max_json_depth=5))[1] == "[[[[[[[[{{{{{{"
 
 
 def test_history_becomes_ag_ui_messages_with_cut_replies_marked() -> None:

@@ -31,6 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from ._events import Event, ToolFinished, TurnFailed, TurnFinished
+from ._unicode import has_surrogates, may_hold_surrogates
 
 access_log = logging.getLogger("rtagent.access")
 log = logging.getLogger("rtagent.server")
@@ -47,6 +48,8 @@ class Limits:
     """A request body or WebSocket frame. AG-UI clients send the whole conversation each time."""
     max_message_chars: int = 32_000
     """One user message."""
+    max_json_depth: int = 100
+    """How deeply arrays and objects may nest in a body or frame (AG-UI ``state`` is free-form)."""
     max_turns: int = 2048
     """Turns running at once over the whole server; more get 503 until one ends."""
     rate_per_s: float = 2.0
@@ -78,22 +81,58 @@ def check_thread_id(thread_id: str) -> str:
     return thread_id
 
 
-def parse_json(body: bytes | str) -> Any:
+def parse_json(body: bytes | str, max_depth: int) -> Any:
+    """A client's JSON (a body or a WebSocket frame), or an ``InputError`` that says what is wrong.
+
+    Nesting deeper than ``max_depth`` is refused before decoding: the decoder, pydantic and every
+    later encoding recurse, so a body of ``[[[...]]]`` a hundred thousand deep failed in all of them.
+    """
     try:
-        return json.loads(body)
+        # Strictly, before the decoder: given bytes, it lets encoded surrogates through.
+        text = body.decode() if isinstance(body, bytes) else body
     except UnicodeDecodeError:
         raise InputError("the body is not UTF-8 text", 400, "malformed_json") from None
+    if nests_deeper(text, max_depth):
+        raise InputError(f"the JSON nests more than {max_depth} levels deep", 400, "too_deep")
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InputError(f"malformed JSON: {exc}", 400, "malformed_json") from None
+    if may_hold_surrogates(text) and has_surrogates(data):
+        message = "the JSON holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text"
+        raise InputError(message, 400, "invalid_unicode")
+    return data
 
 
-def parse_run_input(body: bytes, max_chars: int) -> tuple[RunAgentInput, str | None]:
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_BRACKETS_ONLY = re.compile(r"[^\[\]{}]+")
+_OPENING = frozenset("[{")
+
+
+def nests_deeper(text: str, limit: int) -> bool:
+    """Whether the arrays and objects of a JSON text nest more than ``limit`` deep.
+
+    Brackets inside strings do not count. For malformed text the answer is a guess, and the decoder
+    refuses that text anyway.
+    """
+    brackets = _BRACKETS_ONLY.sub("", _STRING.sub("", text))
+    if len(brackets) <= limit:  # the usual body, decided at once
+        return False
+    depth = 0
+    for bracket in brackets:
+        depth += 1 if bracket in _OPENING else -1
+        if depth > limit:
+            return True
+    return False
+
+
+def parse_run_input(body: bytes, limits: Limits) -> tuple[RunAgentInput, str | None]:
     """Validate a ``RunAgentInput`` body; return it and the new user text (``None``: nothing new).
 
     The server owns the history, so only the last message matters: a user message there is the new
     input; anything else (an empty list, a client re-sending what it already has) asks for no turn.
     """
-    data = parse_json(body)
+    data = parse_json(body, limits.max_json_depth)
     if not isinstance(data, dict):
         raise InputError(f"the body must be a JSON object (RunAgentInput), not {_json_type(data)}")
     try:
@@ -107,7 +146,7 @@ def parse_run_input(body: bytes, max_chars: int) -> tuple[RunAgentInput, str | N
     last = run.messages[-1] if run.messages else None
     if not isinstance(last, UserMessage):
         return run, None
-    return run, check_text(message_text(last), max_chars)
+    return run, check_text(message_text(last), limits.max_message_chars)
 
 
 def check_text(text: str, max_chars: int) -> str:

@@ -32,6 +32,8 @@ from agents.items import TResponseInputItem
 from agents.memory import SessionSettings
 from agents.memory.session_settings import resolve_session_limit
 
+from ._unicode import may_hold_surrogates, scrub_json
+
 # How often the WAL is copied back into the database file (and both are fsynced).
 CHECKPOINT_S = 1.0
 
@@ -125,7 +127,8 @@ class StoreSession(SQLiteSession):
         if not items:
             return
         with self._write_connection() as conn:
-            self._insert_items(conn, items)
+            # What no encoder takes would make the thread unreadable, and every request to the model.
+            self._insert_items(conn, [scrub_json(item) for item in items])
             conn.commit()
 
     async def clear_session(self) -> None:
@@ -146,10 +149,13 @@ class StoreSession(SQLiteSession):
 
 
 def _decode(rows: list[Any]) -> list[TResponseInputItem]:
+    """The rows' items; one that is not JSON is skipped, one with lone surrogates repaired (rows
+    written before ``add_items`` scrubbed them), so no row can make the whole thread unreadable."""
     items: list[TResponseInputItem] = []
     for (data,) in rows:
         try:
-            items.append(json.loads(data))
-        except (json.JSONDecodeError, TypeError):
+            item = json.loads(data)
+            items.append(scrub_json(item) if may_hold_surrogates(data) else item)
+        except (json.JSONDecodeError, TypeError, RecursionError):
             continue
     return items

@@ -25,6 +25,8 @@ from agents.run_context import RunContextWrapper
 from agents.tool import Tool
 from agents.tool_context import ToolContext
 
+from ._unicode import scrub
+
 logger = logging.getLogger("rtagent")
 
 
@@ -122,9 +124,11 @@ class _Reporting(_Invoker):
         # The watchdog finds this frame on a blocked loop's stack and reads the tool's name from it.
         token = _current.set(_Call(self._sink, context.tool_call_id, self._loop))
         try:
-            return await self._inner(context, arguments)
+            output = await self._inner(context, arguments)
         finally:
             _current.reset(token)
+        # The output goes to the model, the history and the page, none of which takes these.
+        return scrub(output) if isinstance(output, str) else output
 
 
 def background(tool: FunctionTool) -> FunctionTool:
@@ -176,6 +180,7 @@ def _reporting(sink: ToolSink, formatter: ErrorFunction) -> ErrorFunction:
         text = formatter(context, error)
         if inspect.isawaitable(text):
             text = await text
+        text = scrub(text)
         if isinstance(context, ToolContext) and not isinstance(error, asyncio.CancelledError):
             sink._tool_error(context.tool_call_id, text)
         return f"The tool failed: {text}"

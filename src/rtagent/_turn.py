@@ -48,6 +48,7 @@ from ._models import ModelSpec, resolve_model
 from ._result import ToolTiming, TurnMetrics, TurnResult
 from ._tap import Tap
 from ._tools import ToolHooks, instrument
+from ._unicode import scrub
 
 DEFAULT_MAX_TURNS = 10
 
@@ -285,7 +286,7 @@ class Turn:
         if error is None:
             self._events.put(TurnFinished(self._result))
         else:
-            self._events.put(TurnFailed(describe(error), self.text, self._result))
+            self._events.put(TurnFailed(scrub(describe(error)), self.text, self._result))
         self._ended.set()
 
     def _make_result(self, *, clean: bool) -> TurnResult:
@@ -333,9 +334,11 @@ class Turn:
                 self._first_token_at = now
             self._last_token_at = now
             self._deltas += 1
-            self._text.append(event.delta)
-            self._response_text.append(event.delta)
-            self._events.put(TextDelta(event.delta))
+            # A model server's JSON may carry lone surrogates, which no front end can encode.
+            delta = scrub(event.delta)
+            self._text.append(delta)
+            self._response_text.append(delta)
+            self._events.put(TextDelta(delta))
         elif isinstance(event, ResponseOutputItemAddedEvent):
             item = event.item
             if isinstance(item, ResponseFunctionToolCall):
@@ -365,6 +368,7 @@ class Turn:
         if call_id in self._announced:
             return
         self._announced.add(call_id)
+        arguments = scrub(arguments)
         self._response_calls.append((call_id, name, arguments))
         self._events.put(ToolStarted(call_id, name, arguments))
 
@@ -380,6 +384,7 @@ class Turn:
 
     def _finish_tool(self, call_id: str, name: str, output: str, error: str | None, started: float) -> None:
         self._running.pop(call_id, None)
+        output = scrub(output)  # an output that is no ``str`` was not scrubbed by the tool's wrapper
         self._outputs[call_id] = output
         duration = time.perf_counter() - started
         self._tool_timings.append(ToolTiming(call_id, name, duration))
@@ -387,7 +392,7 @@ class Turn:
 
     def _tool_progress(self, call_id: str, message: str, fraction: float | None) -> None:
         if call_id in self._running:
-            self._events.put(ToolProgress(call_id, message, fraction))
+            self._events.put(ToolProgress(call_id, scrub(message), fraction))
 
     def _tool_error(self, call_id: str, text: str) -> None:
         self._errors[call_id] = text
