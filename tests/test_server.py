@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -31,7 +32,7 @@ from agents.tool import Tool
 from pydantic import TypeAdapter
 from starlette.applications import Starlette
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 import rtagent
 from rtagent import _agui, _server
@@ -87,7 +88,7 @@ def kinds(events: list[dict[str, Any]]) -> list[str]:
 async def client(app: Starlette, **kwargs: Any) -> AsyncIterator[httpx.AsyncClient]:
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test", **kwargs) as http:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost", **kwargs) as http:
             yield http
 
 
@@ -393,6 +394,9 @@ async def test_websocket_handshakes_are_checked(tmp_path: Path) -> None:
 # -- limits and bad input -------------------------------------------------------------------------
 
 
+JSON_BODY = {"Content-Type": "application/json"}
+
+
 def assert_error(response: httpx.Response, status: int, code: str, *words: str) -> None:
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/json"
@@ -411,10 +415,12 @@ async def test_bad_requests_get_a_4xx_json_error_naming_the_problem(
     app, _ = make_app(tmp_path, [reply("ok")], limits=Limits(max_body_bytes=4000, max_message_chars=100))
     async with client(app) as http:
         post = http.post
-        assert_error(await post("/agui", content=b"x" * 5000), 413, "payload_too_large", "4000")
+        assert_error(
+            await post("/agui", content=b"x" * 5000, headers=JSON_BODY), 413, "payload_too_large", "4000"
+        )
         assert_error(await post("/agui", json=run_input("y" * 101)), 413, "message_too_long", "100")
-        assert_error(await post("/agui", content=b'{"threadId": '), 400, "malformed_json")
-        assert_error(await post("/agui", content=b"\xff\xfe"), 400, "malformed_json")
+        assert_error(await post("/agui", content=b'{"threadId": ', headers=JSON_BODY), 400, "malformed_json")
+        assert_error(await post("/agui", content=b"\xff\xfe", headers=JSON_BODY), 400, "malformed_json")
         assert_error(await post("/agui", json=[1, 2]), 422, "invalid_input", "JSON object")
         assert_error(await post("/agui", json={}), 422, "invalid_input", "threadId", "Field required")
         number_id = {**run_input(), "threadId": 5}
@@ -472,7 +478,7 @@ async def test_cors_is_closed_unless_configured(tmp_path: Path) -> None:
     app, _ = make_app(tmp_path, [])
     async with client(app) as http:
         assert "access-control-allow-origin" not in (await http.get("/healthz", headers=origin)).headers
-        assert (await http.options("/agui", headers=preflight)).status_code == 405
+        assert_error(await http.options("/agui", headers=preflight), 403, "forbidden_origin")
     app, _ = make_app(tmp_path, [], token=TOKEN, cors_origins=["https://shop.example"])
     async with client(app) as http:
         allowed = await http.options("/agui", headers=preflight)
@@ -551,6 +557,193 @@ async def test_the_page_is_served_when_present(tmp_path: Path, monkeypatch: pyte
     assert page.status_code == 200
     assert page.text == "<h1>chat</h1>"
     assert asset.status_code == 200
+
+
+# -- hostile input and other websites (#18) -------------------------------------------------------
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+LONE = "hi \ud800"  # in a str, as json.loads leaves the escape
+
+
+async def test_deeply_nested_json_is_refused_with_a_400(tmp_path: Path) -> None:
+    app, _ = make_app(tmp_path, [reply("ok")])
+    async with client(app) as http:
+        assert_error(await http.post("/agui", content=DEEP, headers=JSON_BODY), 400, "too_deep", "100")
+        deep_state = json.dumps(run_input()).replace('"state": {}', '"state": ' + "[" * 5000 + "]" * 5000)
+        assert_error(await http.post("/agui", content=deep_state, headers=JSON_BODY), 400, "too_deep")
+        assert (await http.get("/threads/t1/messages")).status_code == 404  # nothing ran
+        assert (await http.post("/agui", json=run_input())).status_code == 200
+
+
+async def test_a_deeply_nested_frame_closes_the_websocket_with_1007(tmp_path: Path) -> None:
+    app, _ = make_app(tmp_path, [reply("ok")])
+    async with serving(app) as base:
+        async with connect(f"ws://{base}/ws/t1") as ws:
+            await ws.send(DEEP.decode())
+            with pytest.raises(ConnectionClosed) as closed:
+                await ws.recv()
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == 1007
+        assert "levels deep" in closed.value.rcvd.reason
+        async with connect(f"ws://{base}/ws/t1") as ws:  # the server, and the thread, are fine
+            await ws.send(json.dumps({"type": "send", "text": "hi"}))
+            assert (await receive_run(ws))[-1]["type"] == "RUN_FINISHED"
+
+
+async def test_a_lone_surrogate_from_a_client_is_refused_on_every_path(tmp_path: Path) -> None:
+    app, _ = make_app(tmp_path, [reply("ok")])
+    async with client(app) as http:
+        escaped = await http.post("/agui", content=json.dumps(run_input(LONE)), headers=JSON_BODY)
+        assert_error(escaped, 400, "invalid_unicode", "surrogate")
+        encoded = json.dumps(run_input("X")).encode().replace(b"X", b"hi \xed\xa0\x80")
+        assert_error(await http.post("/agui", content=encoded, headers=JSON_BODY), 400, "malformed_json")
+        in_state = json.dumps({**run_input(), "state": {"note": LONE}})
+        assert_error(await http.post("/agui", content=in_state, headers=JSON_BODY), 400, "invalid_unicode")
+        assert (await http.get("/threads/t1/messages")).status_code == 404  # nothing ran
+    async with serving(app) as base, connect(f"ws://{base}/ws/t1") as ws:
+        await ws.send(json.dumps({"type": "send", "text": LONE}))
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws.recv()
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 1007
+
+
+async def test_lone_surrogates_from_the_model_and_tools_become_u_fffd(tmp_path: Path) -> None:
+    @function_tool
+    async def odd(query: str) -> str:
+        """Returns text no encoder takes."""
+        return f"tool \udc80 {query}"
+
+    steps = [tool_calls(call("odd", {"query": "q"})), reply(["model ", "\ud83d", " said"])]
+    app, _ = make_app(tmp_path, steps, tools=[odd])
+    async with client(app) as http:
+        streamed = await http.post("/agui", json=run_input())
+        history = await http.get("/threads/t1/messages")
+    events = sse_events(streamed.text)
+    assert events[-1]["type"] == "RUN_FINISHED"
+    result = next(e for e in events if e["type"] == "TOOL_CALL_RESULT")
+    assert result["content"] == "tool \ufffd q"
+    text = "".join(e["delta"] for e in events if e["type"] == "TEXT_MESSAGE_CONTENT")
+    assert text == "model \ufffd said"
+    assert history.status_code == 200
+    messages = history.json()["messages"]
+    assert messages[2]["content"] == "tool \ufffd q"
+    assert messages[3]["content"] == "model \ufffd said"
+
+
+async def test_a_stored_row_with_a_lone_surrogate_does_not_make_the_thread_unreadable(tmp_path: Path) -> None:
+    app, _ = make_app(tmp_path, [reply("ok")])
+    async with client(app) as http:
+        await http.post("/agui", json=run_input())
+        # As the server before #18 stored a user's "hi \ud800", and a row that is no JSON at all.
+        with sqlite3.connect(tmp_path / "threads.db") as db:
+            row = json.dumps({"role": "user", "content": LONE})
+            db.execute("INSERT INTO agent_messages (session_id, message_data) VALUES ('t1', ?)", (row,))
+            db.execute("INSERT INTO agent_messages (session_id, message_data) VALUES ('t1', '[[[')")
+        app.state.server._chats.clear()  # reloaded from the file
+        history = await http.get("/threads/t1/messages")
+    assert history.status_code == 200
+    assert history.json()["messages"][-1]["content"] == "hi \ufffd"
+
+
+async def test_other_websites_cannot_drive_the_agent(tmp_path: Path) -> None:
+    app, _ = make_app(tmp_path, [])
+    evil = {"Origin": "https://evil.example"}
+    async with client(app) as http:
+        # The simple requests a page on another site may send without asking first.
+        as_text = {"Content-Type": "text/plain", **evil}
+        body = json.dumps(run_input())
+        assert_error(await http.post("/agui", content=body, headers=as_text), 403, "forbidden_origin")
+        assert_error(await http.post("/", content=body, headers=as_text), 403, "forbidden_origin")
+        null = {"Content-Type": "application/json", "Origin": "null"}
+        assert_error(await http.post("/agui", content=body, headers=null), 403, "forbidden_origin")
+        assert_error(await http.get("/threads/t1/messages", headers=evil), 403, "forbidden_origin")
+        assert (await http.get("/threads/t1/messages")).status_code == 404  # no turn ran
+        # Without an Origin (curl, the SDKs) a body still has to say it is JSON.
+        assert_error(
+            await http.post("/agui", content=body, headers={"Content-Type": "text/plain"}),
+            415,
+            "unsupported_media_type",
+            "text/plain",
+        )
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+        assert_error(await http.post("/agui", content=body, headers=form), 415, "unsupported_media_type")
+    app, _ = make_app(tmp_path, [reply(WORDS, delay=0.01), reply("ok")])  # the last one closed its store
+    async with serving(app) as base, httpx.AsyncClient(base_url=f"http://{base}") as http:
+        async with http.stream("POST", "/agui", json=run_input()) as running:
+            await until(lambda: app.state.server._active == 1)
+            assert_error(await http.post("/threads/t1/stop", headers=evil), 403, "forbidden_origin")
+            as_text = {"Content-Type": "text/plain"}
+            assert_error(await http.post("/threads/t1/stop", headers=as_text), 415, "unsupported_media_type")
+            assert app.state.server._active == 1  # still running
+            assert (await http.post("/threads/t1/stop")).json()["stopped"] is True  # curl -X POST
+            await running.aread()
+        same_site = {"Origin": f"http://{base}"}
+        assert (await http.post("/agui", json=run_input(run="r2"), headers=same_site)).status_code == 200
+        assert_error(await http.delete("/threads/t1", headers=evil), 403, "forbidden_origin")
+    app, _ = make_app(tmp_path, [reply("ok")], cors_origins=["https://shop.example"])
+    async with client(app) as http:
+        shop = {"Origin": "https://shop.example"}
+        assert (await http.post("/agui", json=run_input(run="r3"), headers=shop)).status_code == 200
+
+
+async def test_a_websocket_from_another_site_is_refused(tmp_path: Path) -> None:
+    app, _ = make_app(tmp_path, [reply("ok")])
+    async with serving(app) as base:
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(f"ws://{base}/ws/t1", origin="https://evil.example"):  # type: ignore[arg-type]
+                pass
+        assert refused.value.response.status_code == 403
+        async with connect(f"ws://{base}/ws/t1", origin=f"http://{base}") as ws:  # type: ignore[arg-type]
+            await ws.send(json.dumps({"type": "send", "text": "hi"}))
+            assert (await receive_run(ws))[-1]["type"] == "RUN_FINISHED"
+
+
+async def test_only_loopback_names_and_allowed_hosts_are_served(tmp_path: Path) -> None:
+    app, _ = make_app(
+        tmp_path, [reply("ok"), reply("ok")], allowed_hosts=["chat.example.com", "*.shop.example"]
+    )
+    async with client(app) as http:
+        await http.post("/agui", json=run_input())
+        for host in ["evil.example", "chat.example.com.evil.example", "shop.example", "127.0.0.2.nip.io"]:
+            refused = await http.get("/threads/t1/messages", headers={"Host": host})
+            assert_error(refused, 400, "invalid_host", host)
+        for host in ["localhost:8000", "127.0.0.1", "[::1]:8000", "CHAT.example.com", "eu.shop.example:443"]:
+            assert (await http.get("/threads/t1/messages", headers={"Host": host})).status_code == 200, host
+        assert (await http.get("/healthz", headers={"Host": "10.0.0.7:8000"})).status_code == 200
+    async with serving(app) as base:
+        with pytest.raises(InvalidStatus) as refused_ws:
+            async with connect(f"ws://{base}/ws/t1", additional_headers={"Host": "evil.example"}):
+                pass
+        assert refused_ws.value.response.status_code == 400
+        assert json.loads(refused_ws.value.response.body or b"")["error"] == "invalid_host"
+
+
+async def test_every_response_carries_the_security_headers(tmp_path: Path) -> None:
+    app, _ = make_app(tmp_path, [reply("ok")])
+    async with client(app) as http:
+        responses = [
+            await http.post("/agui", json=run_input()),  # a stream
+            await http.get("/threads/t1/messages"),
+            await http.get("/nowhere"),
+            await http.get("/healthz", headers={"Host": "evil.example"}),
+            await http.post("/agui", content="{}", headers={"Content-Type": "text/plain"}),
+        ]
+    for response in responses:
+        assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
+        assert "script-src 'self'" in response.headers["content-security-policy"]
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["referrer-policy"] == "no-referrer"
+
+
+def test_serve_refuses_an_open_address_without_allowed_hosts(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("RTAGENT_ALLOWED_HOSTS", raising=False)
+    args = argparse.Namespace(host="0.0.0.0", token=TOKEN)
+    assert serve_main(args) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert "--allowed-host" in line
 
 
 def test_serve_refuses_an_open_address_without_a_token(capsys: pytest.CaptureFixture[str]) -> None:

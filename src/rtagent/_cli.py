@@ -49,6 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--token", help="bearer token every API request must carry (default: $RTAGENT_TOKEN)")
     serve.add_argument("--db", metavar="PATH", default="rtagent.db", help="SQLite file for conversations")
     serve.add_argument("--cors-origin", action="append", metavar="ORIGIN", help="allow a browser origin")
+    serve.add_argument(
+        "--allowed-host",
+        action="append",
+        metavar="NAME",
+        help="a name the server is reached by, besides localhost (*.example.com: every subdomain); "
+        "needed off loopback",
+    )
     serve.add_argument("--max-turns", type=int, metavar="N", help="concurrent turns before 503")
     serve.add_argument("--rate-limit", type=float, metavar="PER_S", help="requests per second per client")
     serve.add_argument(

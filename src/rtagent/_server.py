@@ -70,6 +70,7 @@ from ._limits import (
 )
 from ._loading import load_agent
 from ._models import ModelSpec, resolve_model
+from ._security import SameSite
 from ._store import Store
 from ._transport import App, EventStream, Socket
 from ._workers import Peers
@@ -88,11 +89,9 @@ class _Server:
         db_path: str | Path,
         policy: Policy,
         limits: Limits,
-        cors_origins: Sequence[str],
         peers: str | Path | None = None,
     ) -> None:
         self.agent = agent
-        self.cors_origins = frozenset(cors_origins)
         self.model = resolve_model(model, agent)  # a bad spec fails here, at start-up, in one line
         self.db = Store(str(db_path))
         self.peers = None if peers is None else Peers(peers)
@@ -170,7 +169,7 @@ class _Server:
 
     async def agui(self, request: Request) -> Response:
         body = await read_body(request, self.limits.max_body_bytes)
-        run_input, text = parse_run_input(body, self.limits.max_message_chars)
+        run_input, text = parse_run_input(body, self.limits)
         request.state.thread_id = run_input.thread_id
         run = await self.start_run(run_input.thread_id, run_input.run_id, text)
         # Starlette only calls what an endpoint returns; the stream is an ASGI app, not a Response.
@@ -250,6 +249,7 @@ def create_app(
     db_path: str | Path = DEFAULT_DB,
     token: str | None = None,
     cors_origins: Sequence[str] = (),
+    allowed_hosts: Sequence[str] = (),
     policy: Policy = "interrupt",
     limits: Limits | None = None,
     peers: str | Path | None = None,
@@ -257,11 +257,12 @@ def create_app(
     """The ASGI app serving ``agent`` (run it with uvicorn); see the module docstring for the API.
 
     ``token``: every API request must then carry ``Authorization: Bearer TOKEN``. ``cors_origins``:
-    the browser origins allowed to call the API from other sites (none by default). ``peers``: a
+    the browser origins allowed to call the API from other sites (none by default).
+    ``allowed_hosts``: the names it answers to besides the loopback ones (see ``_security``). ``peers``: a
     directory shared by the worker processes serving the same ``db_path`` (``serve --workers``),
     where they reach each other to keep to one turn per thread (see ``_workers``).
     """
-    server = _Server(agent, model, db_path, policy, limits or Limits(), cors_origins, peers)
+    server = _Server(agent, model, db_path, policy, limits or Limits(), peers)
     thread = "/threads/{thread_id}"
     routes: list[Route | WebSocketRoute | Mount] = [
         Route("/agui", server.agui, methods=["POST"]),
@@ -276,7 +277,10 @@ def create_app(
     ]
     if STATIC.is_dir():
         routes.append(Mount("/static", StaticFiles(directory=STATIC)))
-    middleware = [Middleware(AccessLog, on_status=server.metrics.status)]
+    middleware = [
+        Middleware(AccessLog, on_status=server.metrics.status),
+        Middleware(SameSite, allowed_hosts=allowed_hosts, cors_origins=cors_origins),
+    ]
     if cors_origins:
         # Outside the guard: a browser's preflight carries no token and must still be answered.
         middleware.append(
@@ -318,7 +322,8 @@ def create_app(
 
 def serve_main(args: argparse.Namespace) -> int:
     """``rtagent serve [AGENT] [--model SPEC] [--host H] [--port P] [--token T] [--db PATH]
-    [--cors-origin ORIGIN]... [--max-turns N] [--rate-limit PER_S] [--workers N]``: serve until Ctrl-C.
+    [--cors-origin ORIGIN]... [--allowed-host NAME]... [--max-turns N] [--rate-limit PER_S]
+    [--workers N]``: serve until Ctrl-C.
 
     Returns the exit status. Every attribute of ``args`` is optional (``None`` means the default).
     With ``workers`` over 1, uvicorn starts that many processes, each building the app from the
@@ -333,6 +338,12 @@ def serve_main(args: argparse.Namespace) -> int:
         needs = "needs a token: pass --token or set RTAGENT_TOKEN"
         print(f"rtagent serve: listening on {host} {needs}", file=sys.stderr)
         return 2
+    hosts = getattr(args, "allowed_host", None) or os.environ.get("RTAGENT_ALLOWED_HOSTS", "").split(",")
+    allowed_hosts = [name.strip() for name in hosts if name.strip()]
+    if not allowed_hosts and not is_loopback(host):
+        needs = "needs the names it is reached by: pass --allowed-host or set RTAGENT_ALLOWED_HOSTS"
+        print(f"rtagent serve: listening on {host} {needs}", file=sys.stderr)
+        return 2
     overrides = {
         "max_turns": getattr(args, "max_turns", None),
         "rate_per_s": getattr(args, "rate_limit", None),
@@ -344,6 +355,7 @@ def serve_main(args: argparse.Namespace) -> int:
         "db_path": getattr(args, "db", None) or DEFAULT_DB,
         "token": token,
         "cors_origins": getattr(args, "cors_origin", None) or [],
+        "allowed_hosts": allowed_hosts,
         "limits": limits,
     }
     workers: int = getattr(args, "workers", None) or 1
@@ -417,6 +429,7 @@ def _app(options: dict[str, Any]) -> Starlette:
         db_path=options["db_path"],
         token=options["token"],
         cors_origins=options["cors_origins"],
+        allowed_hosts=options["allowed_hosts"],
         limits=dataclasses.replace(Limits(), **options["limits"]),
         peers=options.get("peers"),
     )

@@ -8,7 +8,6 @@ import contextlib
 import json
 import uuid
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
 from ag_ui.core import RunErrorEvent
 from ag_ui.encoder import EventEncoder
@@ -31,6 +30,10 @@ SSE_HEADERS = [
     (b"cache-control", b"no-store"),
     (b"x-accel-buffering", b"no"),  # nginx would otherwise hold events back in its buffer
 ]
+
+# Frames whose JSON no decoder should take: the socket closes with 1007 (invalid payload data), as
+# it would for bytes that are not UTF-8, rather than answer every one of a flood of them.
+UNREADABLE = frozenset({"too_deep", "invalid_unicode"})
 
 # Where ``App`` leaves the ASGI server's own ``send`` in the scope.
 SERVER_SEND = "rtagent.server_send"
@@ -134,7 +137,6 @@ class Socket:
         ws = self.ws
         try:
             check_thread_id(self.thread_id)
-            self._check_origin()
         except InputError as exc:
             await deny(ws.scope, ws.receive, ws.send, error(exc.status, exc.code, str(exc)))
             return
@@ -147,6 +149,9 @@ class Socket:
                 try:
                     await self._command(message)
                 except InputError as exc:
+                    if exc.code in UNREADABLE:
+                        await self._close(1007, str(exc))
+                        break
                     await self._send(json.dumps({"type": "error", "error": exc.code, "message": str(exc)}))
         finally:
             self._gone()
@@ -161,7 +166,7 @@ class Socket:
             raise InputError("send commands as JSON text frames", 400, "binary_frame")
         if len(text) > limits.max_body_bytes:
             raise InputError(f"the frame is over {limits.max_body_bytes} bytes", 413, "payload_too_large")
-        command = parse_json(text)
+        command = parse_json(text, limits.max_json_depth)
         kind = command.get("type") if isinstance(command, dict) else None
         if kind == "stop":
             await self.server.interrupt(self.thread_id)
@@ -203,16 +208,13 @@ class Socket:
         except (OSError, RuntimeError, WebSocketDisconnect):
             self._gone()
 
+    async def _close(self, code: int, reason: str) -> None:
+        self._gone()
+        async with self.sending:
+            with contextlib.suppress(OSError, RuntimeError, WebSocketDisconnect):
+                await self.ws.close(code, reason)
+
     def _gone(self) -> None:
         self.open = False
         for run in self.live:
             run.interrupt()
-
-    def _check_origin(self) -> None:
-        # CORS does not cover WebSockets: a browser lets any site open one to any host. Only the
-        # page's own origin and the configured ones may, so no other site can drive a conversation.
-        origin = self.ws.headers.get("origin")
-        if origin is None or origin in self.server.cors_origins:
-            return
-        if urlsplit(origin).netloc != self.ws.headers.get("host"):
-            raise InputError(f"origin {origin} may not open a WebSocket here", 403, "forbidden_origin")
