@@ -937,17 +937,16 @@ async def run(args: argparse.Namespace, servers: Servers) -> dict[str, Any]:
                 "streams_closed_by_client",
                 "max_open_streams",
                 "invalid_requests",
+                "invalid_examples",
             )
-        }
-        | {"invalid_examples": model["invalid_examples"]},
+        },
         "turn_checks": _counted(check_turns([*all_turns, before_turn, ws_after, sse_after]), TURN_CHECKS),
         "after": {
             name: {"end": turn.end, "full_reply": turn.text == expected_text(turn.plan)}
             for name, turn in (("ws_turn", ws_after), ("sse_turn", sse_after))
         },
         "leaks": leaks,
-        "before": before,
-        "after_state": after,
+        "state": {"before": before, "after": after},  # what the leak checks were taken from
     }
 
 
