@@ -56,18 +56,36 @@ async def record_cut(
     calls: Sequence[tuple[str, str, str]],
     outputs: dict[str, str],
 ) -> None:
-    """Append the cut response: its delivered ``text`` and its ``calls`` (id, name, arguments)."""
+    """Append the cut response: its delivered ``text`` and its ``calls`` (id, name, arguments).
+
+    The SDK saves a response whole (its message, calls and outputs) in one write, and a turn can be
+    cut just after that write: then the response, its text too, is already saved.
+    """
+    latest = await session.get_items(limit=2 * len(calls) + 4)
     saved = {
         item.get("call_id")
-        for item in await session.get_items(limit=2 * len(calls) + 4)
+        for item in latest
         if isinstance(item, dict) and item.get("type") == "function_call"
     }
-    items: list[TResponseInputItem] = [cut_reply(text)] if text else []
+    if calls:
+        responded = any(call_id in saved for call_id, _, _ in calls)
+    else:  # saved, its message is the latest item (before it: the user's message or a tool's output)
+        responded = bool(latest) and _says(latest[-1], text)
+    items: list[TResponseInputItem] = [cut_reply(text)] if text and not responded else []
     for call_id, name, arguments in calls:
         if call_id not in saved:
             items += call_pair(call_id, name, arguments, outputs.get(call_id, INTERRUPTED))
     if items:
         await session.add_items(items)
+
+
+def _says(item: Any, text: str) -> bool:
+    """Whether ``item`` is a complete assistant message that starts with ``text``."""
+    if not isinstance(item, dict) or item.get("role") != "assistant" or is_cut(item):
+        return False
+    content = item.get("content")
+    said = content if isinstance(content, str) else "".join(part.get("text", "") for part in content or [])
+    return said.startswith(text)
 
 
 def is_cut(item: Any) -> bool:
