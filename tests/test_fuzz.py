@@ -14,10 +14,11 @@ import fuzz
 
 
 def test_generated_requests_never_make_the_server_fail() -> None:
-    # A fixed seed: the same requests each run, so a failure here replays with
-    # `bench/fuzz.py --requests 300 --seed 18 --concurrency 8`.
+    # A fixed seed, whose requests reach every endpoint: the same requests each run, so a failure
+    # here replays with `bench/fuzz.py --requests 300 --seed 18 --concurrency 8`.
     report = fuzz.fuzz(300, seed=18, concurrency=8)
     assert report["requests"] == 300
+    assert report["endpoints_missed"] == []
     failures = {kind: report[kind] for kind in fuzz.ZERO if report[kind]}
     details = {key: report[key] for key in ("examples", "tracebacks", "log_errors")}
     assert not failures, json.dumps({**failures, **details}, indent=1, ensure_ascii=True)
