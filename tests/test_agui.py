@@ -190,7 +190,7 @@ def test_bad_bodies_are_one_line_errors(raw: bytes, status: int, words: str) -> 
 
 def test_brackets_in_strings_do_not_count_as_nesting() -> None:
     user = {"id": "1", "role": "user", "content": "[[[[[[[[{{{{{{"}
-    raw = body([user], state={"note": "[[[[[[[[ \\\" ]]]] [[[["})
+    raw = body([user], state={"note": '[[[[[[[[ \\" ]]]] [[[['})
     assert parse_run_input(raw, Limits(max_json_depth=5))[1] == "[[[[[[[[{{{{{{"
 
 

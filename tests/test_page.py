@@ -28,6 +28,7 @@ from playwright.sync_api import Browser, Page, Playwright, expect, sync_playwrig
 
 import rtagent
 from rtagent._server import create_app
+from rtagent._websocket import WebSocketProtocol
 from rtagent.testing import ScriptedModel, Step, call, reply, tool_calls
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +89,7 @@ def serving(
     app = create_app(Agent(name="helper", tools=list(tools)), model=model, db_path=db, token=token)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(app, log_level="warning", ws="websockets-sansio", timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, log_level="warning", ws=WebSocketProtocol, timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

@@ -39,6 +39,7 @@ from rtagent import _agui, _server
 from rtagent._history import INTERRUPTED
 from rtagent._limits import Limits
 from rtagent._server import create_app, serve_main
+from rtagent._websocket import WebSocketProtocol
 from rtagent.testing import ScriptedModel, Step, call, reply, tool_calls
 
 EVENT = TypeAdapter(Event)
@@ -97,7 +98,7 @@ async def serving(app: Starlette) -> AsyncIterator[str]:
     """uvicorn on a random loopback port, in this event loop (so tests can watch the model)."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", ws="websockets-sansio"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", ws=WebSocketProtocol))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     await until(lambda: server.started)
     try:
@@ -588,6 +589,25 @@ async def test_a_deeply_nested_frame_closes_the_websocket_with_1007(tmp_path: Pa
         async with connect(f"ws://{base}/ws/t1") as ws:  # the server, and the thread, are fine
             await ws.send(json.dumps({"type": "send", "text": "hi"}))
             assert (await receive_run(ws))[-1]["type"] == "RUN_FINISHED"
+
+
+async def test_a_frame_that_is_not_utf_8_closes_with_1007_and_no_error_in_the_log(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    app, _ = make_app(tmp_path, [reply("ok")])
+    async with serving(app) as base:
+        async with connect(f"ws://{base}/ws/t1") as ws:
+            await ws.send(b"\xed\xa0\x80 hi", text=True)
+            with pytest.raises(ConnectionClosed) as closed:
+                await ws.recv()
+        with pytest.raises(InvalidStatus):  # a refused handshake, which uvicorn logged as an error
+            async with connect(f"ws://{base}/ws/bad%20id"):
+                pass
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 1007
+    log = capfd.readouterr().err
+    assert "ERROR" not in log
+    assert "Traceback" not in log
 
 
 async def test_a_lone_surrogate_from_a_client_is_refused_on_every_path(tmp_path: Path) -> None:

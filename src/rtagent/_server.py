@@ -364,7 +364,7 @@ def serve_main(args: argparse.Namespace) -> int:
         "host": host,
         "port": port,
         "access_log": False,
-        "ws": "websockets-sansio",
+        "ws": "rtagent._websocket:WebSocketProtocol",  # uvicorn's websockets-sansio, fixed
         "ws_max_size": dataclasses.replace(Limits(), **limits).max_body_bytes,
         "timeout_graceful_shutdown": 5,
     }

@@ -1,0 +1,54 @@
+"""uvicorn's WebSocket protocol (``websockets-sansio``), with two of its answers to clients fixed.
+
+- A text frame that is not UTF-8: uvicorn logged a traceback for each (any client could fill the
+  log), and when the client's close frame came in the same read it failed on closing and dropped
+  the connection with no close frame. Here the socket closes with 1007, as it does for JSON no
+  decoder should take (``_transport.UNREADABLE``), and waits for the client's close as usual.
+- A handshake refused with a response (``_limits.deny``): uvicorn logged "ASGI callable returned
+  without completing handshake" at ERROR for every one, though the refusal was complete.
+
+Run the server with ``ws=WebSocketProtocol`` (``serve_main`` does).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.protocol import State
+
+NOT_TEXT = "text frames must be UTF-8"
+
+
+class WebSocketProtocol(WebSocketsSansIOProtocol):
+    def send_receive_event_to_app(self) -> None:
+        if self.curr_msg_data_type == "text" and not self.close_sent and not _is_utf8(self.frames):
+            self.frames = []
+            self._close_unreadable()
+            return
+        super().send_receive_event_to_app()
+
+    def _close_unreadable(self) -> None:
+        # As uvicorn closes when the app asks it to (``send`` of ``websocket.close``).
+        if self.conn.state is State.OPEN:  # else the client's close came first, and is answered
+            self.conn.send_close(1007, NOT_TEXT)
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": 1007, "reason": NOT_TEXT})
+        self.close_sent = True
+        if self.read_paused:
+            self.read_paused = False
+            self.transport.resume_reading()
+        self.close_timer = self.loop.call_later(self.close_timeout, self.transport.close)
+
+    async def send(self, message: Any) -> None:
+        await super().send(message)
+        if message["type"] == "websocket.http.response.body" and not message.get("more_body", False):
+            self.handshake_complete = True  # refused, and the refusal sent
+
+
+def _is_utf8(frames: list[bytes]) -> bool:
+    try:
+        b"".join(frames).decode()
+    except UnicodeDecodeError:
+        return False
+    return True
