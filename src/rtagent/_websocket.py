@@ -4,6 +4,10 @@
   log), and when the client's close frame came in the same read it failed on closing and dropped
   the connection with no close frame. Here the socket closes with 1007, as it does for JSON no
   decoder should take (``_transport.UNREADABLE``), and waits for the client's close as usual.
+- A frame the parser refuses (over ``ws_max_size``: 1009; broken framing: 1002): uvicorn closed
+  the TCP connection with the close frame, while the client was still sending, and the reset that
+  the client's unread data caused lost it the close frame too. Here the server shuts its side
+  (the close frame, then FIN), reads on until the client closes or ``close_timeout``.
 - A handshake refused with a response (``_limits.deny``): uvicorn logged "ASGI callable returned
   without completing handshake" at ERROR for every one, though the refusal was complete.
 
@@ -38,6 +42,21 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         if self.read_paused:
             self.read_paused = False
             self.transport.resume_reading()
+        self.close_timer = self.loop.call_later(self.close_timeout, self.transport.close)
+
+    def handle_parser_exception(self) -> None:
+        if self.close_sent:  # answered already; the parser discards what still comes
+            return
+        sent = self.conn.close_sent
+        code, reason = (sent.code, sent.reason) if sent is not None else (1002, "")
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.close_sent = True
+        if self.read_paused:
+            self.read_paused = False
+            self.transport.resume_reading()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
         self.close_timer = self.loop.call_later(self.close_timeout, self.transport.close)
 
     async def send(self, message: Any) -> None:
