@@ -22,9 +22,9 @@ import rtagent
 WATCHED = (
     "rtagent._turn.Turn",
     "rtagent._chat.Chat",
-    "rtagent._agui.AguiRun",
-    "rtagent._transport.EventStream",
-    "rtagent._transport.Socket",
+    "rtagent.server._agui.AguiRun",
+    "rtagent.server._transport.EventStream",
+    "rtagent.server._transport.Socket",
     "rtagent._buffer.EventBuffer",
     "agents.result.RunResultStreaming",
     "openai.AsyncStream",

@@ -65,9 +65,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from rtagent._limits import Limits
 from rtagent._replyevents import response
-from rtagent._server import create_app
+from rtagent.server._app import create_app
+from rtagent.server._limits import Limits
 from rtagent.testing import ScriptedModel, Step, reply
 
 INSTRUCTIONS = "You are a helpful assistant."

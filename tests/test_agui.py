@@ -12,7 +12,6 @@ from agents import Agent, SQLiteSession, function_tool
 from pydantic import TypeAdapter
 
 import rtagent
-from rtagent._agui import RunMapper, TextContent, dump, history_messages
 from rtagent._events import (
     TextDelta,
     Thinking,
@@ -23,8 +22,9 @@ from rtagent._events import (
     TurnFinished,
 )
 from rtagent._history import call_pair, cut_reply
-from rtagent._limits import InputError, Limits, parse_run_input
 from rtagent._result import TurnMetrics, TurnResult
+from rtagent.server._agui import RunMapper, TextContent, dump, history_messages
+from rtagent.server._limits import InputError, Limits, parse_run_input
 from rtagent.testing import ScriptedModel, call, reply, tool_calls
 
 EVENTS = TypeAdapter(list[Event])

@@ -1,4 +1,4 @@
-"""The browser chat page (``rtagent/static``), driven in a real headless Chromium by Playwright.
+"""The browser chat page (``rtagent/server/static``), driven in a real headless Chromium by Playwright.
 
 A real uvicorn server runs on a loopback port in a thread, with a scripted model, so the page sees
 exactly the frames a person's browser would. Debian's ``chromium`` is the browser (``playwright
@@ -27,8 +27,8 @@ from agents.tool import FunctionTool
 from playwright.sync_api import Browser, Page, Playwright, expect, sync_playwright
 
 import rtagent
-from rtagent._server import create_app
-from rtagent._websocket import WebSocketProtocol
+from rtagent.server._app import create_app
+from rtagent.server._websocket import WebSocketProtocol
 from rtagent.testing import ScriptedModel, Step, call, reply, tool_calls
 
 ROOT = Path(__file__).resolve().parents[1]

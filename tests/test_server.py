@@ -35,11 +35,12 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 import rtagent
-from rtagent import _agui, _server
 from rtagent._history import INTERRUPTED
-from rtagent._limits import Limits
-from rtagent._server import create_app, serve_main
-from rtagent._websocket import WebSocketProtocol
+from rtagent.server import _agui
+from rtagent.server import _app as _server
+from rtagent.server._app import create_app, serve_main
+from rtagent.server._limits import Limits
+from rtagent.server._websocket import WebSocketProtocol
 from rtagent.testing import ScriptedModel, Step, call, reply, tool_calls
 
 EVENT = TypeAdapter(Event)

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from agents import SQLiteSession
 
-from rtagent import _store
-from rtagent._store import Store
+from rtagent.server import _store
+from rtagent.server._store import Store
 
 
 def _message(text: str) -> Any:

@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
-from rtagent._workers import TABLE, Peers
+from rtagent.server._workers import TABLE, Peers
 
 AGENT = str(Path(__file__).parent / "agents" / "scripted.py")
 

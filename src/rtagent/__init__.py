@@ -33,16 +33,16 @@ if TYPE_CHECKING:
     from ._loading import load_agent
     from ._models import ModelSpec, ServedModel, parse_spec
     from ._result import ToolTiming, TurnMetrics, TurnResult
-    from ._server import create_app
     from ._tools import background, progress
     from ._turn import Turn, TurnError, TurnOptions, run, run_sync, stream
+    from .server import create_app
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
     "Chat": "_chat",
     "background": "_tools",
-    "create_app": "_server",
+    "create_app": "server",
     "progress": "_tools",
     "RTAgentError": "_errors",
     "AgentLoadError": "_errors",

@@ -77,7 +77,7 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from ._server import serve_main
+    from .server import serve_main
 
     args.model = model_spec(args.model)
     return serve_main(args)

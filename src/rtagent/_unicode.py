@@ -4,7 +4,7 @@ Python can hold in a ``str``, but which are not text and cannot be encoded as UT
 One of them in a conversation made every later encoding of it fail: the history endpoint, the
 page's reload, the next request to the model. Text from the model and from tools is the agent's
 own output, so it is repaired (each one becomes U+FFFD, as a decoder does with bytes that are not
-UTF-8); what a client sends is refused instead (``_limits.parse_json``), since the server would
+UTF-8); what a client sends is refused instead (``server._limits.parse_json``), since the server would
 otherwise store words the person did not write.
 """
 

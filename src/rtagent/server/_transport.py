@@ -19,7 +19,7 @@ from ._agui import AguiRun
 from ._limits import InputError, check_text, check_thread_id, client_of, deny, error, log, parse_json
 
 if TYPE_CHECKING:
-    from ._server import _Server
+    from ._app import _Server
 
 ENCODER = EventEncoder()
 SERVER_ERROR = RunErrorEvent(

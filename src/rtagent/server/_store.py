@@ -32,7 +32,7 @@ from agents.items import TResponseInputItem
 from agents.memory import SessionSettings
 from agents.memory.session_settings import resolve_session_limit
 
-from ._unicode import may_hold_surrogates, scrub_json
+from .._unicode import may_hold_surrogates, scrub_json
 
 # How often the WAL is copied back into the database file (and both are fsynced).
 CHECKPOINT_S = 1.0

@@ -8,7 +8,7 @@
 ``GET /threads/{thread}/messages``         the history as AG-UI messages, to reload a page
 ``DELETE /threads/{thread}``               forget a conversation
 ``GET /healthz``, ``GET /metrics``         liveness; Prometheus metrics
-``GET /``, ``/static/...``                 the browser page, when ``rtagent/static`` has one
+``GET /``, ``/static/...``                 the browser page, when ``static/`` has one
 =========================================  =========================================================
 
 The server owns the history: the AG-UI ``threadId`` is the session id, conversations live in one
@@ -51,9 +51,11 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
+from .._chat import Chat, Policy
+from .._errors import RTAgentError, describe
+from .._loading import load_agent
+from .._models import ModelSpec, resolve_model
 from ._agui import AguiRun, dump, history_messages
-from ._chat import Chat, Policy
-from ._errors import RTAgentError, describe
 from ._limits import (
     AccessLog,
     Guard,
@@ -68,8 +70,6 @@ from ._limits import (
     parse_run_input,
     read_body,
 )
-from ._loading import load_agent
-from ._models import ModelSpec, resolve_model
 from ._security import SameSite
 from ._store import Store
 from ._transport import App, EventStream, Socket
@@ -364,7 +364,7 @@ def serve_main(args: argparse.Namespace) -> int:
         "host": host,
         "port": port,
         "access_log": False,
-        "ws": "rtagent._websocket:WebSocketProtocol",  # uvicorn's websockets-sansio, fixed
+        "ws": "rtagent.server._websocket:WebSocketProtocol",  # uvicorn's websockets-sansio, fixed
         "ws_max_size": dataclasses.replace(Limits(), **limits).max_body_bytes,
         "timeout_graceful_shutdown": 5,
     }

@@ -30,8 +30,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from ._events import Event, ToolFinished, TurnFailed, TurnFinished
-from ._unicode import has_surrogates, may_hold_surrogates
+from .._events import Event, ToolFinished, TurnFailed, TurnFinished
+from .._unicode import has_surrogates, may_hold_surrogates
 
 access_log = logging.getLogger("rtagent.access")
 log = logging.getLogger("rtagent.server")

@@ -62,12 +62,12 @@ from ag_ui.core import (
 from agents.items import TResponseInputItem
 from pydantic import Field, SerializerFunctionWrapHandler
 
-from ._chat import Chat
-from ._errors import describe
-from ._events import Event, TextDelta, Thinking, ToolFinished, ToolProgress, ToolStarted, TurnFinished
-from ._history import is_cut
-from ._result import TurnResult
-from ._turn import Turn
+from .._chat import Chat
+from .._errors import describe
+from .._events import Event, TextDelta, Thinking, ToolFinished, ToolProgress, ToolStarted, TurnFinished
+from .._history import is_cut
+from .._result import TurnResult
+from .._turn import Turn
 
 METADATA_KEY = "rtagent"
 """Our key in AG-UI ``metadata`` objects (the ``ag-ui`` key is reserved for the protocol)."""
