@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import json
 import uuid
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from ag_ui.core import RunErrorEvent
 from ag_ui.encoder import EventEncoder
@@ -16,10 +16,32 @@ from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ._agui import AguiRun
-from ._limits import InputError, check_text, check_thread_id, client_of, deny, error, log, parse_json
+from ._limits import (
+    InputError,
+    Limits,
+    Metrics,
+    RateLimiter,
+    check_text,
+    check_thread_id,
+    client_of,
+    deny,
+    error,
+    log,
+    parse_json,
+)
 
-if TYPE_CHECKING:
-    from ._app import _Server
+
+class Conversations(Protocol):
+    """What the transports need of the app's conversations (``_app``'s server), which imports them."""
+
+    limits: Limits
+    limiter: RateLimiter | None
+    metrics: Metrics
+
+    async def start_run(self, thread_id: str, run_id: str, text: str | None) -> AguiRun: ...
+
+    async def interrupt(self, thread_id: str) -> bool: ...
+
 
 ENCODER = EventEncoder()
 SERVER_ERROR = RunErrorEvent(
@@ -62,7 +84,7 @@ class EventStream:
     saw. The events after that are drained unsent. A keep-alive comment goes out every ``ping_s``.
     """
 
-    def __init__(self, run: AguiRun, server: _Server) -> None:
+    def __init__(self, run: AguiRun, server: Conversations) -> None:
         self.run = run
         self.metrics = server.metrics
         self.ping_s = server.limits.ping_s
@@ -124,7 +146,7 @@ class Socket:
     by the chat's policy) gets its RUN_STARTED only after the earlier run's RUN_FINISHED.
     """
 
-    def __init__(self, server: _Server, ws: WebSocket) -> None:
+    def __init__(self, server: Conversations, ws: WebSocket) -> None:
         self.server = server
         self.ws = ws
         self.thread_id: str = ws.path_params["thread_id"]
