@@ -757,6 +757,18 @@ async def test_every_response_carries_the_security_headers(tmp_path: Path) -> No
         assert response.headers["referrer-policy"] == "no-referrer"
 
 
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [({"db": "a.db", "store": "sqlite:///b.db"}, "not both"), ({"store": "redis://h"}, "not available yet")],
+)
+def test_serve_refuses_a_store_it_cannot_use_in_one_line(
+    flags: dict[str, str], words: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert serve_main(argparse.Namespace(**flags)) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert words in line
+
+
 def test_serve_refuses_an_open_address_without_allowed_hosts(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agents import SQLiteSession
+from agents import Agent, SQLiteSession
 
-from rtagent.server import _store
-from rtagent.server._store import Store
+from rtagent._errors import RTAgentError
+from rtagent.server import _store, create_app
+from rtagent.server._store import Store, default_path, store_path
+from rtagent.testing import ScriptedModel
 
 
 def _message(text: str) -> Any:
@@ -90,3 +92,43 @@ async def test_the_background_thread_checkpoints_the_journal_into_the_file(
         store.close()
     with sqlite3.connect(path) as connection:
         assert connection.execute("SELECT count(*) FROM agent_messages").fetchone() == (200,)
+
+
+@pytest.mark.parametrize(
+    ("url", "path"),
+    [
+        ("sqlite:///threads.db", "threads.db"),
+        ("sqlite:////var/lib/rt.db", "/var/lib/rt.db"),
+        ("sqlite:///:memory:", ":memory:"),
+    ],
+)
+def test_a_store_url_names_its_sqlite_file(url: str, path: str) -> None:
+    assert store_path(url) == path
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("redis://localhost:6379", "not available yet"),
+        ("postgresql://u@h/db", "not available yet"),
+        ("sqlite://", "unknown store URL"),
+        ("threads.db", "unknown store URL"),
+    ],
+)
+def test_a_store_url_that_cannot_be_served_is_one_line(url: str, words: str) -> None:
+    with pytest.raises(RTAgentError) as caught:
+        store_path(url)
+    assert words in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_the_default_file_is_in_the_users_data_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.chdir(tmp_path)
+    assert default_path() == tmp_path / "data" / "rtagent" / "threads.db"
+    app = create_app(Agent(name="a", model=ScriptedModel([])))
+    app.state.server.db.close()
+    assert default_path().exists()
+    assert list(tmp_path.glob("*.db")) == []  # nothing in the directory it was started in

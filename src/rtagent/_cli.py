@@ -47,7 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     serve.add_argument("--token", help="bearer token every API request must carry (default: $RTAGENT_TOKEN)")
-    serve.add_argument("--db", metavar="PATH", default="rtagent.db", help="SQLite file for conversations")
+    db = "SQLite file for conversations (default: threads.db in the user's data directory)"
+    serve.add_argument("--db", metavar="PATH", help=db)
+    store = "where conversations live, as a URL: sqlite:///PATH (default: $RTAGENT_STORE)"
+    serve.add_argument("--store", metavar="URL", help=store)
     serve.add_argument("--cors-origin", action="append", metavar="ORIGIN", help="allow a browser origin")
     serve.add_argument(
         "--allowed-host",

@@ -71,11 +71,10 @@ from ._limits import (
     read_body,
 )
 from ._security import SameSite
-from ._store import Store
+from ._store import Store, default_path, store_path
 from ._transport import App, EventStream, Socket
 from ._workers import Peers
 
-DEFAULT_DB = "rtagent.db"
 STATIC = Path(__file__).with_name("static")
 
 
@@ -86,14 +85,17 @@ class _Server:
         self,
         agent: Agent[Any],
         model: ModelSpec,
-        db_path: str | Path,
+        db_path: str | Path | None,
         policy: Policy,
         limits: Limits,
         peers: str | Path | None = None,
     ) -> None:
         self.agent = agent
         self.model = resolve_model(model, agent)  # a bad spec fails here, at start-up, in one line
-        self.db = Store(str(db_path))
+        path = Path(db_path) if db_path is not None else default_path()
+        if str(path) != ":memory:":
+            path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = Store(str(path))
         self.peers = None if peers is None else Peers(peers)
         self.policy: Policy = policy
         self.limits = limits
@@ -246,7 +248,7 @@ def create_app(
     agent: Agent[Any],
     *,
     model: ModelSpec = None,
-    db_path: str | Path = DEFAULT_DB,
+    db_path: str | Path | None = None,
     token: str | None = None,
     cors_origins: Sequence[str] = (),
     allowed_hosts: Sequence[str] = (),
@@ -256,6 +258,8 @@ def create_app(
 ) -> Starlette:
     """The ASGI app serving ``agent`` (run it with uvicorn); see the module docstring for the API.
 
+    ``db_path``: the SQLite file of the conversations (by default ``threads.db`` in the user's data
+    directory, see ``_store.default_path``).
     ``token``: every API request must then carry ``Authorization: Bearer TOKEN``. ``cors_origins``:
     the browser origins allowed to call the API from other sites (none by default).
     ``allowed_hosts``: the names it answers to besides the loopback ones (see ``_security``). ``peers``: a
@@ -321,7 +325,7 @@ def create_app(
 
 
 def serve_main(args: argparse.Namespace) -> int:
-    """``rtagent serve [AGENT] [--model SPEC] [--host H] [--port P] [--token T] [--db PATH]
+    """``rtagent serve [AGENT] [--model SPEC] [--host H] [--port P] [--token T] [--db PATH | --store URL]
     [--cors-origin ORIGIN]... [--allowed-host NAME]... [--max-turns N] [--rate-limit PER_S]
     [--workers N]``: serve until Ctrl-C.
 
@@ -344,6 +348,11 @@ def serve_main(args: argparse.Namespace) -> int:
         needs = "needs the names it is reached by: pass --allowed-host or set RTAGENT_ALLOWED_HOSTS"
         print(f"rtagent serve: listening on {host} {needs}", file=sys.stderr)
         return 2
+    try:
+        db_path = _db_path(getattr(args, "db", None), getattr(args, "store", None))
+    except RTAgentError as exc:
+        print(f"rtagent serve: {describe(exc)}", file=sys.stderr)
+        return 2
     overrides = {
         "max_turns": getattr(args, "max_turns", None),
         "rate_per_s": getattr(args, "rate_limit", None),
@@ -352,7 +361,7 @@ def serve_main(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {
         "agent": getattr(args, "agent", None),
         "model": getattr(args, "model", None),
-        "db_path": getattr(args, "db", None) or DEFAULT_DB,
+        "db_path": db_path,
         "token": token,
         "cors_origins": getattr(args, "cors_origin", None) or [],
         "allowed_hosts": allowed_hosts,
@@ -384,6 +393,14 @@ def serve_main(args: argparse.Namespace) -> int:
         os.environ[_WORKER_OPTIONS] = json.dumps({**options, "peers": peers, "parent": os.getpid()})
         uvicorn.run(f"{__name__}:worker_app", factory=True, workers=workers, **settings)
     return 0
+
+
+def _db_path(db: str | None, store: str | None) -> str | None:
+    """The SQLite file from ``--db`` or ``--store`` (else ``RTAGENT_STORE``); ``None``: the default."""
+    if db and store:
+        raise RTAgentError("give --db or --store, not both")
+    url = store or os.environ.get("RTAGENT_STORE")
+    return db or (store_path(url) if url else None)
 
 
 _WORKER_OPTIONS = "RTAGENT_SERVE_OPTIONS"

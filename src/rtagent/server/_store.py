@@ -25,14 +25,35 @@ import contextlib
 import json
 import sqlite3
 import threading
+from pathlib import Path
 from typing import Any
 
+import platformdirs
 from agents import SQLiteSession
 from agents.items import TResponseInputItem
 from agents.memory import SessionSettings
 from agents.memory.session_settings import resolve_session_limit
 
+from .._errors import RTAgentError
 from .._unicode import may_hold_surrogates, scrub_json
+
+
+def default_path() -> Path:
+    """Where conversations live unless ``--db`` or ``--store`` says: the user's data directory
+    (``~/.local/share/rtagent`` on Linux), not whatever directory the server was started in."""
+    return platformdirs.user_data_path("rtagent") / "threads.db"
+
+
+def store_path(url: str) -> str:
+    """The SQLite file a ``--store`` URL names: ``sqlite:///relative.db``, ``sqlite:////abs.db``
+    (SQLAlchemy's spelling) or ``sqlite:///:memory:``."""
+    scheme, sep, rest = url.partition("://")
+    if scheme == "sqlite" and sep and rest.startswith("/") and rest != "/":
+        return rest[1:]
+    if scheme in ("postgresql", "postgres", "redis", "rediss"):
+        raise RTAgentError(f"store {scheme}:// is not available yet; use sqlite:///PATH")
+    raise RTAgentError(f"unknown store URL {url[:80]!r}: use sqlite:///PATH")
+
 
 # How often the WAL is copied back into the database file (and both are fsynced).
 CHECKPOINT_S = 1.0
