@@ -1,4 +1,4 @@
-"""uvicorn's WebSocket protocol (``websockets-sansio``), with two of its answers to clients fixed.
+"""uvicorn's WebSocket protocol (``websockets-sansio``), with three of its answers to clients fixed.
 
 - A text frame that is not UTF-8: uvicorn logged a traceback for each (any client could fill the
   log), and when the client's close frame came in the same read it failed on closing and dropped
@@ -33,30 +33,32 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         super().send_receive_event_to_app()
 
     def _close_unreadable(self) -> None:
-        # As uvicorn closes when the app asks it to (``send`` of ``websocket.close``).
         if self.conn.state is State.OPEN:  # else the client's close came first, and is answered
             self.conn.send_close(1007, NOT_TEXT)
-        self.transport.write(b"".join(self.conn.data_to_send()))
-        self.queue.put_nowait({"type": "websocket.disconnect", "code": 1007, "reason": NOT_TEXT})
-        self.close_sent = True
-        if self.read_paused:
-            self.read_paused = False
-            self.transport.resume_reading()
-        self.close_timer = self.loop.call_later(self.close_timeout, self.transport.close)
+        self._closing(1007, NOT_TEXT)
 
     def handle_parser_exception(self) -> None:
         if self.close_sent:  # answered already; the parser discards what still comes
             return
         sent = self.conn.close_sent
-        code, reason = (sent.code, sent.reason) if sent is not None else (1002, "")
+        self._closing(*((sent.code, sent.reason) if sent is not None else (1002, "")))
+
+    def _closing(self, code: int, reason: str) -> None:
+        """Tell the app, send what the connection has for the client, and wait for its close.
+
+        As uvicorn does when the app closes (``send`` of ``websocket.close``), except that an empty
+        chunk from ``data_to_send`` (websockets' request to half-close, after a protocol error) is
+        honoured: the server's side ends, and the client's close can still be read.
+        """
         self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
-        self.transport.write(b"".join(self.conn.data_to_send()))
+        chunks = self.conn.data_to_send()
+        self.transport.write(b"".join(chunks))
+        if b"" in chunks and self.transport.can_write_eof():
+            self.transport.write_eof()
         self.close_sent = True
         if self.read_paused:
             self.read_paused = False
             self.transport.resume_reading()
-        if self.transport.can_write_eof():
-            self.transport.write_eof()
         self.close_timer = self.loop.call_later(self.close_timeout, self.transport.close)
 
     async def send(self, message: Any) -> None:
