@@ -15,7 +15,6 @@ so the model knows it was cut off; the session keeps the exact text for front en
 from __future__ import annotations
 
 import asyncio
-import copy
 import inspect
 from collections.abc import Sequence
 from dataclasses import replace
@@ -83,9 +82,17 @@ def _says(item: Any, text: str) -> bool:
     """Whether ``item`` is a complete assistant message that starts with ``text``."""
     if not isinstance(item, dict) or item.get("role") != "assistant" or is_cut(item):
         return False
-    content = item.get("content")
-    said = content if isinstance(content, str) else "".join(part.get("text", "") for part in content or [])
-    return said.startswith(text)
+    return content_text(item.get("content")).startswith(text)
+
+
+def content_text(content: Any) -> str:
+    """The text of a content field: a string, or a list of parts (input_text, output_text, refusal...)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = (p.get("text") or p.get("refusal") or "" for p in content if isinstance(p, dict))
+        return "".join(parts)
+    return ""
 
 
 def is_cut(item: Any) -> bool:
@@ -101,9 +108,7 @@ def mark_cut_replies(data: CallModelData[Any]) -> ModelInputData:
 
 
 def _marked(item: TResponseInputItem) -> TResponseInputItem:
-    item = copy.deepcopy(item)
-    content: Any = item["content"]  # type: ignore[typeddict-item]
-    text = content if isinstance(content, str) else "".join(part.get("text", "") for part in content)
+    text = content_text(item["content"])  # type: ignore[typeddict-item]
     return {"type": "message", "role": "assistant", "content": f"{text.rstrip()} {CUT_MARK}".lstrip()}
 
 

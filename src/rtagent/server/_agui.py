@@ -65,7 +65,7 @@ from pydantic import Field, SerializerFunctionWrapHandler
 from .._chat import Chat
 from .._errors import describe
 from .._events import Event, TextDelta, Thinking, ToolFinished, ToolProgress, ToolStarted, TurnFinished
-from .._history import is_cut
+from .._history import content_text, is_cut
 from .._result import TurnResult
 from .._turn import Turn
 
@@ -314,13 +314,14 @@ def history_messages(items: Sequence[TResponseInputItem]) -> list[Message]:
             continue
         kind, role, id_ = item.get("type", "message"), item.get("role"), f"h{index}"
         if kind == "message" and role == "user":
-            messages.append(UserMessage(id=id_, content=_text(item.get("content"))))
+            messages.append(UserMessage(id=id_, content=content_text(item.get("content"))))
         elif kind == "message" and role == "assistant":
             meta = {METADATA_KEY: {"interrupted": True}} if is_cut(item) else None
-            messages.append(AssistantMessage(id=id_, content=_text(item.get("content")), metadata=meta))
+            text = content_text(item.get("content"))
+            messages.append(AssistantMessage(id=id_, content=text, metadata=meta))
         elif kind == "message" and role in ("system", "developer"):
             cls = SystemMessage if role == "system" else DeveloperMessage
-            messages.append(cls(id=id_, content=_text(item.get("content"))))
+            messages.append(cls(id=id_, content=content_text(item.get("content"))))
         elif kind == "function_call":
             call = ToolCall(
                 id=str(item.get("call_id")),
@@ -333,23 +334,13 @@ def history_messages(items: Sequence[TResponseInputItem]) -> list[Message]:
                 messages.append(AssistantMessage(id=id_, tool_calls=[call]))
         elif kind == "function_call_output":
             output = item.get("output")
-            content = output if isinstance(output, str) else _text(output)
+            content = output if isinstance(output, str) else content_text(output)
             messages.append(ToolMessage(id=id_, tool_call_id=str(item.get("call_id")), content=content))
         elif kind == "reasoning":
-            summary = _text(item.get("summary"))
+            summary = content_text(item.get("summary"))
             if summary:
                 messages.append(ReasoningMessage(id=id_, content=summary))
     return messages
-
-
-def _text(content: Any) -> str:
-    """The text of a content field: a string, or a list of parts (input_text, output_text, refusal...)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = (p.get("text") or p.get("refusal") or "" for p in content if isinstance(p, dict))
-        return "".join(parts)
-    return ""
 
 
 def dump(message: Message) -> dict[str, Any]:
