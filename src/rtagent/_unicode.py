@@ -38,14 +38,3 @@ def scrub_json(value: Any) -> Any:
 def may_hold_surrogates(text: str) -> bool:
     """Whether a JSON text may decode to lone surrogates (a quick check before a closer look)."""
     return _ESCAPED.search(text) is not None or _LONE.search(text) is not None
-
-
-def has_surrogates(value: Any) -> bool:
-    """Whether a decoded JSON value holds a lone surrogate anywhere."""
-    if isinstance(value, str):
-        return _LONE.search(value) is not None
-    if isinstance(value, dict):
-        return any(has_surrogates(key) or has_surrogates(item) for key, item in value.items())
-    if isinstance(value, list):
-        return any(has_surrogates(item) for item in value)
-    return False

@@ -31,7 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from .._events import Event, ToolFinished, TurnFailed, TurnFinished
-from .._unicode import has_surrogates, may_hold_surrogates
+from .._unicode import may_hold_surrogates, scrub_json
 
 access_log = logging.getLogger("rtagent.access")
 log = logging.getLogger("rtagent.server")
@@ -98,7 +98,7 @@ def parse_json(body: bytes | str, max_depth: int) -> Any:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InputError(f"malformed JSON: {exc}", 400, "malformed_json") from None
-    if may_hold_surrogates(text) and has_surrogates(data):
+    if may_hold_surrogates(text) and scrub_json(data) != data:
         message = "the JSON holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text"
         raise InputError(message, 400, "invalid_unicode")
     return data

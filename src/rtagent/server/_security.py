@@ -91,13 +91,13 @@ class SameSite:
         origin = headers.get(b"origin")
         if origin is not None and origin not in self.cors_origins and urlsplit(origin).netloc != host:
             return 403, "forbidden_origin", f"requests from {origin[:80]} are not allowed: see --cors-origin"
-        if scope.get("method") == "POST" and not _is_json(headers, scope):
+        if scope.get("method") == "POST" and not _is_json(headers):
             given = headers.get(b"content-type", "none")
             return 415, "unsupported_media_type", f"send the body as application/json, not {given[:80]}"
         return None
 
 
-def _is_json(headers: dict[bytes, str], scope: Scope) -> bool:
+def _is_json(headers: dict[bytes, str]) -> bool:
     content_type = headers.get(b"content-type")
     if content_type is None:
         # No body to misread: ``curl -X POST .../stop``. A browser's cross-site one carries an Origin.
