@@ -62,7 +62,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -77,6 +76,7 @@ from typing import Any
 import httpx
 from agents.models.chatcmpl_converter import Converter
 from chaosmodel import call_id, message_problems, plan_message, words
+from ports import free_port
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -410,13 +410,6 @@ class Driver:
 # -- the servers and what they report ---------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @dataclass
 class Servers:
     server: subprocess.Popen[bytes]
@@ -428,7 +421,7 @@ class Servers:
 
 
 def start_servers(workdir: Path, keepalive_s: float) -> Servers:
-    model_port, port = _free_port(), _free_port()
+    model_port, port = free_port(), free_port()
     command = [
         sys.executable,
         str(HERE / "chaosmodel.py"),

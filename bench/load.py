@@ -79,7 +79,6 @@ import json
 import math
 import os
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -88,6 +87,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+
+from ports import free_port
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_NS = (100, 250, 500, 750, 1000, 1250, 1500, 2000, 2500, 3000, 4000)
@@ -100,13 +101,6 @@ WIRE = {
     "baseline": ("/chat", 'data: {"delta"', "data: [DONE]"),
 }
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _raise_fd_limit() -> dict[str, int]:
@@ -181,7 +175,7 @@ class Server:
 
 
 def _start_server(name: str, args: argparse.Namespace, db: str, profile: bool) -> Server:
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if profile and args.py_spy is None:
         env["LOAD_PROFILE"] = str(args.profile_out)

@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,17 +31,11 @@ from pathlib import Path
 from agents import Agent, ModelSettings, RunConfig, Runner, set_tracing_disabled
 from agents.models.openai_chatcompletions import OpenAIChatCompletionsModel
 from openai import AsyncOpenAI
+from ports import free_port
 
 import rtagent
 
 Probe = Callable[[], Awaitable[tuple[float, float, int]]]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _probes(base_url: str, tokens: int) -> dict[str, Probe]:
@@ -139,7 +132,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=200)
     args = parser.parse_args()
     set_tracing_disabled(True)
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, str(Path(__file__).with_name("streamserver.py")), str(port)],
         stdout=subprocess.PIPE,
