@@ -214,6 +214,34 @@ def test_a_reply_streams_shows_its_tool_stops_and_reloads(page: Page, tmp_path: 
         gate.set()  # a failed test must not leave the tool's thread waiting
 
 
+def test_a_reload_mid_reply_shows_the_text_so_far_and_the_reply_goes_on_live(
+    page: Page, tmp_path: Path
+) -> None:
+    words = " ".join(f"word{i}" for i in range(120))  # 6 s at 50 ms a word
+    with serving([reply(words, delay=0.05)], [], tmp_path / "threads.db") as (url, model):
+        page.goto(url)
+        expect(page.locator("#status")).to_have_text("online")
+        send(page, "Tell me a long story.")
+        text = page.locator(".turn .text").first
+        expect(text).to_contain_text("word10 ")
+        page.reload()
+        # At once: the question, and the reply up to where it had got (replayed from the run log).
+        expect(page.locator(".msg.user")).to_have_text("Tell me a long story.")
+        expect(text).to_contain_text("word10 ", timeout=2_000)
+        shown = text.text_content() or ""
+        assert words.startswith(shown)
+        during = model.streams[-1].outcome
+        assert during == "streaming", "the reload must not have cut the reply"
+        expect(page.locator("#stop")).to_be_visible()
+        screenshot(page, "page-reloaded-mid-reply.png")
+        # Then it goes on, live, to its end: uncut, nothing twice.
+        expect(text).to_have_text(words, timeout=TIMEOUT_MS)
+        expect(page.locator("#stop")).to_be_hidden()
+        expect(page.locator(".turn .badge.interrupted")).to_have_count(0)
+        expect(page.locator(".turn")).to_have_count(1)
+        assert model.streams[-1].outcome == "completed"
+
+
 def test_model_output_is_shown_as_text_and_never_runs(page: Page, tmp_path: Path) -> None:
     with serving([reply(HOSTILE, delay=0.005)], [], tmp_path / "threads.db") as (url, _):
         page.goto(url)

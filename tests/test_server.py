@@ -262,7 +262,7 @@ async def disconnect_when(base: str, condition: Any) -> None:
 
 
 async def test_a_client_that_disconnects_stops_the_model(tmp_path: Path) -> None:
-    app, model = make_app(tmp_path, [reply(WORDS, delay=0.005)])
+    app, model = make_app(tmp_path, [reply(WORDS, delay=0.005)], disconnect_grace=0)
     async with serving(app) as base:
         await disconnect_when(base, lambda: model.deltas_emitted >= 5)
         await until(lambda: model.streams[-1].outcome != "streaming")
@@ -300,7 +300,7 @@ async def test_a_client_that_disconnects_cancels_its_tools_but_not_background_on
 
     tools = [stuck, rtagent.background(slow_report)]
     steps = [tool_calls(call("stuck", call_id="s"), call("slow_report", call_id="b"))]
-    app, _ = make_app(tmp_path, steps, tools)
+    app, _ = make_app(tmp_path, steps, tools, disconnect_grace=0)
     async with serving(app) as base:
         await disconnect_when(base, lambda: len(started) == 2)
         async with asyncio.timeout(5):
@@ -349,7 +349,7 @@ async def test_websocket_carries_the_same_events_and_takes_send_and_stop(tmp_pat
 
 
 async def test_a_websocket_that_closes_mid_turn_stops_the_model(tmp_path: Path) -> None:
-    app, model = make_app(tmp_path, [reply(WORDS, delay=0.005)])
+    app, model = make_app(tmp_path, [reply(WORDS, delay=0.005)], disconnect_grace=0)
     async with serving(app) as base:
         async with connect(f"ws://{base}/ws/t1") as ws:
             await ws.send(json.dumps({"type": "send", "text": "go"}))

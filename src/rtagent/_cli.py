@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--workers", type=int, metavar="N", help="processes sharing the port and the database (default: 1)"
     )
+    serve.add_argument(
+        "--disconnect-grace",
+        type=float,
+        metavar="S",
+        help="seconds a turn keeps running for a client that went away to reconnect (default: 15; 0: none)",
+    )
     serve.set_defaults(run=_serve)
     return parser
 

@@ -220,7 +220,7 @@ class AguiRun:
 
     Without a new user message (``turn`` is ``None``) the run answers with the conversation instead
     (MESSAGES_SNAPSHOT), which is how an AG-UI client can reload a thread. ``observe`` sees every
-    rtagent event but text deltas; ``on_end`` is called once, when a turn's run is over.
+    rtagent event but text deltas.
     """
 
     def __init__(
@@ -231,34 +231,29 @@ class AguiRun:
         turn: Turn | None,
         *,
         observe: Callable[[Event], None],
-        on_end: Callable[[], None],
     ) -> None:
         self.thread_id = thread_id
         self.run_id = run_id
         self.chat = chat
         self.turn = turn
         self._observe = observe
-        self._on_end: Callable[[], None] | None = on_end if turn is not None else None
 
     async def events(self) -> AsyncIterator[BaseEvent]:
         mapper = RunMapper(self.thread_id, self.run_id)
         turn = self.turn
-        try:
-            yield mapper.started()
-            if turn is None:
-                snapshot = await self._snapshot()
-                yield snapshot
-                if isinstance(snapshot, MessagesSnapshotEvent):
-                    yield RunFinishedEvent(thread_id=self.thread_id, run_id=self.run_id)
-                return
-            observe = self._observe
-            async for event in turn:
-                for out in mapper.map(event):
-                    yield out
-                if type(event) is not TextDelta:
-                    observe(event)
-        finally:
-            self._end()
+        yield mapper.started()
+        if turn is None:
+            snapshot = await self._snapshot()
+            yield snapshot
+            if isinstance(snapshot, MessagesSnapshotEvent):
+                yield RunFinishedEvent(thread_id=self.thread_id, run_id=self.run_id)
+            return
+        observe = self._observe
+        async for event in turn:
+            for out in mapper.map(event):
+                yield out
+            if type(event) is not TextDelta:
+                observe(event)
 
     async def _snapshot(self) -> BaseEvent:
         try:
@@ -275,12 +270,6 @@ class AguiRun:
         """Interrupt the turn if it still runs and wait for it to end (its history is then saved)."""
         if self.turn is not None:
             await self.turn.aclose()
-        self._end()
-
-    def _end(self) -> None:
-        on_end, self._on_end = self._on_end, None
-        if on_end is not None:
-            on_end()
 
 
 def result_json(result: TurnResult) -> dict[str, Any]:

@@ -4,6 +4,8 @@
 ``POST /agui`` (also ``POST /``)           a ``RunAgentInput`` -> the run's AG-UI events as SSE
 ``GET /ws/{thread}`` (WebSocket)           the same events as JSON text frames; the client sends
                                            ``{"type": "send", "text": ...}`` and ``{"type": "stop"}``
+``GET /threads/{thread}/stream``           the thread's events after ``Last-Event-ID`` (or
+                                           ``?after=ID``), then the live rest (204: none to stream)
 ``POST /threads/{thread}/stop``            interrupt the thread's running turn
 ``GET /threads/{thread}/messages``         the history as AG-UI messages, to reload a page
 ``DELETE /threads/{thread}``               forget a conversation
@@ -14,8 +16,10 @@
 The server owns the history: the AG-UI ``threadId`` is the session id, conversations live in one
 SQLite file, and of the messages a client sends only the last one, the new user message, is used.
 A run is one turn of a thread's ``Chat``, so a message sent while a turn runs follows the chat's
-policy (interrupt it, by default), and a stop or a client that goes away interrupts the turn with
-the usual semantics: what the user saw is kept in the history, marked as cut off.
+policy (interrupt it, by default), and a stop interrupts the turn with the usual semantics: what
+the user saw is kept in the history, marked as cut off. Every event of a turn's run goes to the run
+log (``_runlog``) with an id, so a client that reconnects misses nothing; a client that goes away
+interrupts the turn only if nobody follows the thread again within ``disconnect_grace`` seconds.
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ from ._limits import (
     parse_run_input,
     read_body,
 )
+from ._runlog import Reader, RunLog, kind_of
 from ._security import SameSite
 from ._store import Store, default_path, store_path
 from ._transport import App, EventStream, Socket
@@ -89,6 +94,7 @@ class _Server:
         policy: Policy,
         limits: Limits,
         peers: str | Path | None = None,
+        disconnect_grace: float = 15.0,
     ) -> None:
         self.agent = agent
         self.model = resolve_model(model, agent)  # a bad spec fails here, at start-up, in one line
@@ -100,6 +106,7 @@ class _Server:
         self.policy: Policy = policy
         self.limits = limits
         self.metrics = Metrics()
+        self.log = RunLog(grace_s=disconnect_grace)
         self.limiter = RateLimiter(limits.rate_per_s, limits.burst) if limits.rate_per_s > 0 else None
         self._chats: OrderedDict[str, Chat] = OrderedDict()
         self._active = 0
@@ -135,22 +142,22 @@ class _Server:
             raise InputError(f"no conversation with thread id {thread_id!r}", 404, "unknown_thread")
         return chat
 
-    async def start_run(self, thread_id: str, run_id: str, text: str | None) -> AguiRun:
+    async def start_run(self, thread_id: str, run_id: str, text: str | None) -> Reader:
+        """Start a run of the thread (a turn for ``text``, else its history): its events to stream."""
         chat = self.chat(thread_id)
-        turn = None
-        if text is not None:
-            if self._active >= self.limits.max_turns:
-                message = f"the server runs its maximum of {self.limits.max_turns} turns; try again shortly"
-                raise InputError(message, 503, "overloaded")
-            if self.peers is not None:  # a turn of this thread in another worker goes first
-                await self.peers.claim(thread_id, interrupt=self.policy == "interrupt")
-            self._active += 1
-            self.metrics.turns.inc()
-            turn = chat.send(text)
-        on_end = functools.partial(self.turn_ended, thread_id)
-        return AguiRun(thread_id, run_id, chat, turn, observe=self.metrics.observe, on_end=on_end)
+        if text is None:
+            return Reader(_unlogged(AguiRun(thread_id, run_id, chat, None, observe=self.metrics.observe)))
+        if self._active >= self.limits.max_turns:
+            message = f"the server runs its maximum of {self.limits.max_turns} turns; try again shortly"
+            raise InputError(message, 503, "overloaded")
+        if self.peers is not None:  # a turn of this thread in another worker goes first
+            await self.peers.claim(thread_id, interrupt=self.policy == "interrupt")
+        self._active += 1
+        self.metrics.turns.inc()
+        run = AguiRun(thread_id, run_id, chat, chat.send(text), observe=self.metrics.observe)
+        return self.log.produce(run, text, functools.partial(self.turn_ended, thread_id))
 
-    def turn_ended(self, thread_id: str) -> None:
+    async def turn_ended(self, thread_id: str) -> None:
         self._active -= 1
         self.metrics.turns.dec()
         if self.peers is not None:
@@ -173,9 +180,9 @@ class _Server:
         body = await read_body(request, self.limits.max_body_bytes)
         run_input, text = parse_run_input(body, self.limits)
         request.state.thread_id = run_input.thread_id
-        run = await self.start_run(run_input.thread_id, run_input.run_id, text)
+        reader = await self.start_run(run_input.thread_id, run_input.run_id, text)
         # Starlette only calls what an endpoint returns; the stream is an ASGI app, not a Response.
-        return EventStream(run, self)  # type: ignore[return-value]
+        return EventStream(reader, self)  # type: ignore[return-value]
 
     async def interrupt(self, thread_id: str) -> bool:
         """Interrupt the thread's running turn, in this worker or another; whether there was one."""
@@ -195,6 +202,14 @@ class _Server:
         if operation != "stop":
             await turn.join()
         return True
+
+    async def resume(self, request: Request) -> Response:
+        thread_id = check_thread_id(request.path_params["thread_id"])
+        after = request.headers.get("last-event-id") or request.query_params.get("after") or None
+        reader = await self.log.read(thread_id, after)
+        if reader is None:  # 204 also tells an EventSource to stop reconnecting
+            return Response(status_code=204)
+        return EventStream(reader, self)  # type: ignore[return-value]  # an ASGI app, as in agui
 
     async def stop(self, request: Request) -> Response:
         thread_id = request.path_params["thread_id"]
@@ -244,6 +259,12 @@ def _idle(chat: Chat) -> bool:
     return chat.turn is None or chat.turn.done
 
 
+async def _unlogged(run: AguiRun) -> AsyncIterator[tuple[str, str, int]]:
+    """A run without a turn (the history, for a client reloading): not logged, no ids."""
+    async for event in run.events():
+        yield "", event.model_dump_json(by_alias=True), kind_of(event)
+
+
 def create_app(
     agent: Agent[Any],
     *,
@@ -255,6 +276,7 @@ def create_app(
     policy: Policy = "interrupt",
     limits: Limits | None = None,
     peers: str | Path | None = None,
+    disconnect_grace: float = 15.0,
 ) -> Starlette:
     """The ASGI app serving ``agent`` (run it with uvicorn); see the module docstring for the API.
 
@@ -265,14 +287,17 @@ def create_app(
     ``allowed_hosts``: the names it answers to besides the loopback ones (see ``_security``). ``peers``: a
     directory shared by the worker processes serving the same ``db_path`` (``serve --workers``),
     where they reach each other to keep to one turn per thread (see ``_workers``).
+    ``disconnect_grace``: how long a turn whose clients all went away keeps running for one to
+    come back (0: it is interrupted at once).
     """
-    server = _Server(agent, model, db_path, policy, limits or Limits(), peers)
+    server = _Server(agent, model, db_path, policy, limits or Limits(), peers, disconnect_grace)
     thread = "/threads/{thread_id}"
     routes: list[Route | WebSocketRoute | Mount] = [
         Route("/agui", server.agui, methods=["POST"]),
         Route("/", server.agui, methods=["POST"]),
         Route("/", server.index, methods=["GET"]),
         WebSocketRoute("/ws/{thread_id}", server.websocket),
+        Route(f"{thread}/stream", server.resume, methods=["GET"]),
         Route(f"{thread}/stop", server.stop, methods=["POST"]),
         Route(f"{thread}/messages", server.messages, methods=["GET"]),
         Route(thread, server.delete, methods=["DELETE"]),
@@ -350,6 +375,7 @@ def serve_main(args: argparse.Namespace) -> int:
         return 2
     try:
         db_path = _db_path(getattr(args, "db", None), getattr(args, "store", None))
+        grace = _grace(getattr(args, "disconnect_grace", None))
     except RTAgentError as exc:
         print(f"rtagent serve: {describe(exc)}", file=sys.stderr)
         return 2
@@ -366,6 +392,7 @@ def serve_main(args: argparse.Namespace) -> int:
         "cors_origins": getattr(args, "cors_origin", None) or [],
         "allowed_hosts": allowed_hosts,
         "limits": limits,
+        "disconnect_grace": grace,
     }
     workers: int = getattr(args, "workers", None) or 1
     # uvicorn's own access log is off: ours is structured and knows the thread.
@@ -401,6 +428,16 @@ def _db_path(db: str | None, store: str | None) -> str | None:
         raise RTAgentError("give --db or --store, not both")
     url = store or os.environ.get("RTAGENT_STORE")
     return db or (store_path(url) if url else None)
+
+
+def _grace(given: float | None) -> float:
+    """``--disconnect-grace``, else ``RTAGENT_DISCONNECT_GRACE``, else 15 s."""
+    if given is not None:
+        return given
+    try:
+        return float(os.environ.get("RTAGENT_DISCONNECT_GRACE") or 15.0)
+    except ValueError:
+        raise RTAgentError("RTAGENT_DISCONNECT_GRACE must be a number of seconds") from None
 
 
 _WORKER_OPTIONS = "RTAGENT_SERVE_OPTIONS"
@@ -449,4 +486,5 @@ def _app(options: dict[str, Any]) -> Starlette:
         allowed_hosts=options["allowed_hosts"],
         limits=dataclasses.replace(Limits(), **options["limits"]),
         peers=options.get("peers"),
+        disconnect_grace=options["disconnect_grace"],
     )

@@ -1,5 +1,6 @@
 """The two transports of ``rtagent serve``: one run's AG-UI events as Server-Sent Events, and a
-WebSocket carrying the same events plus the client's commands. Both consume ``AguiRun.events()``."""
+WebSocket carrying the same events plus the client's commands. Both stream a ``Reader`` of the run
+log (``_runlog``): each event with its id, as the SSE ``id:`` field and as ``eventId`` in a frame."""
 
 from __future__ import annotations
 
@@ -9,13 +10,11 @@ import json
 import uuid
 from typing import Protocol
 
-from ag_ui.core import RunErrorEvent
 from ag_ui.encoder import EventEncoder
 from starlette.applications import Starlette
 from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from ._agui import AguiRun
 from ._limits import (
     InputError,
     Limits,
@@ -29,6 +28,7 @@ from ._limits import (
     log,
     parse_json,
 )
+from ._runlog import SERVER_ERROR, Reader, RunLog
 
 
 class Conversations(Protocol):
@@ -38,15 +38,15 @@ class Conversations(Protocol):
     limiter: RateLimiter | None
     metrics: Metrics
 
-    async def start_run(self, thread_id: str, run_id: str, text: str | None) -> AguiRun: ...
+    log: RunLog
+
+    async def start_run(self, thread_id: str, run_id: str, text: str | None) -> Reader: ...
 
     async def interrupt(self, thread_id: str) -> bool: ...
 
 
 ENCODER = EventEncoder()
-SERVER_ERROR = RunErrorEvent(
-    message="the server failed during this run; its log has details", code="server_error"
-)
+
 SSE_HEADERS = [
     (b"content-type", ENCODER.get_content_type().encode()),
     (b"cache-control", b"no-store"),
@@ -77,15 +77,15 @@ class App(Starlette):
 
 
 class EventStream:
-    """The SSE response: one run's events, encoded by the AG-UI ``EventEncoder``.
+    """The SSE response: a reader's events, each with its id (``id:``) when it has one.
 
-    Unlike Starlette's ``StreamingResponse`` (and sse-starlette), a client that goes away does not
-    cancel the stream: it interrupts the turn, which then ends the normal way, saving what the user
-    saw. The events after that are drained unsent. A keep-alive comment goes out every ``ping_s``.
+    A client that goes away only stops its reading: the turn goes on (the run log's grace period
+    decides whether it is interrupted, see ``_runlog``). A keep-alive comment goes out every
+    ``ping_s``.
     """
 
-    def __init__(self, run: AguiRun, server: Conversations) -> None:
-        self.run = run
+    def __init__(self, reader: Reader, server: Conversations) -> None:
+        self.reader = reader
         self.metrics = server.metrics
         self.ping_s = server.limits.ping_s
         self._open = True
@@ -94,38 +94,42 @@ class EventStream:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         metrics = self.metrics
         metrics.connections.inc()
-        watcher = asyncio.create_task(self._watch(receive))
+        streaming = asyncio.ensure_future(self._stream(scope, send))
+        watcher = asyncio.ensure_future(self._watch(receive, streaming))
         self._timer = asyncio.get_running_loop().call_later(self.ping_s, self._ping, send)
-        encode = ENCODER.encode
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
-            send = scope.get(SERVER_SEND, send)  # the start went through the wrappers: see App
-            async for event in self.run.events():
-                if self._open:
-                    body = encode(event).encode()
-                    await send({"type": "http.response.body", "body": body, "more_body": True})
-            self._open = False
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except OSError:  # the connection broke under a send
-            self.run.interrupt()
-        except Exception:  # a bug of ours: the client still gets an end it understands
-            log.exception("streaming a run of thread %s failed", self.run.thread_id)
-            if self._open:
-                body = encode(SERVER_ERROR).encode()
-                await send({"type": "http.response.body", "body": body, "more_body": False})
+            with contextlib.suppress(asyncio.CancelledError):
+                await streaming
         finally:
             self._open = False
             self._timer.cancel()
             watcher.cancel()
-            await self.run.aclose()
+            await self.reader.aclose()
             metrics.connections.dec()
 
-    async def _watch(self, receive: Receive) -> None:
+    async def _stream(self, scope: Scope, send: Send) -> None:
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+            send = scope.get(SERVER_SEND, send)  # the start went through the wrappers: see App
+            async for event_id, data, _ in self.reader:
+                frame = f"id: {event_id}\ndata: {data}\n\n" if event_id else f"data: {data}\n\n"
+                await send({"type": "http.response.body", "body": frame.encode(), "more_body": True})
+            self._open = False
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:  # the connection broke under a send
+            pass
+        except Exception:  # a bug of ours: the client still gets an end it understands
+            log.exception("streaming a run failed")
+            if self._open:
+                body = f"data: {SERVER_ERROR}\n\n".encode()
+                await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def _watch(self, receive: Receive, streaming: asyncio.Future[None]) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
         if self._open:
             self._open = False
-            self.run.interrupt()
+            streaming.cancel()
 
     def _ping(self, send: Send) -> None:
         # A timer, not a task per stream: a thousand quiet streams cost a thousand timer entries.
@@ -142,16 +146,19 @@ class EventStream:
 class Socket:
     """The WebSocket transport: commands in, the same AG-UI events out, as JSON text frames.
 
-    Runs are pumped one after another, so a message sent while a turn streams (which interrupts it,
-    by the chat's policy) gets its RUN_STARTED only after the earlier run's RUN_FINISHED.
+    Commands: ``{"type": "send", "text": ...}``, ``{"type": "stop"}`` and ``{"type": "resume",
+    "after": ID}`` (the events after ``ID``, or with ``null`` those of the thread's latest run, then
+    the live rest). Each logged event's frame carries its id as ``eventId``. Runs are streamed one
+    after another, so a message sent while a turn streams (which interrupts it, by the chat's
+    policy) gets its RUN_STARTED only after the earlier run's RUN_FINISHED.
     """
 
     def __init__(self, server: Conversations, ws: WebSocket) -> None:
         self.server = server
         self.ws = ws
         self.thread_id: str = ws.path_params["thread_id"]
-        self.runs: asyncio.Queue[AguiRun | None] = asyncio.Queue()
-        self.live: list[AguiRun] = []  # queued or streaming
+        self.runs: asyncio.Queue[Reader] = asyncio.Queue()
+        self.live: list[Reader] = []  # queued or streaming
         self.open = False
         self.sending = asyncio.Lock()  # error replies and events come from two tasks
 
@@ -176,9 +183,12 @@ class Socket:
                         break
                     await self._send(json.dumps({"type": "error", "error": exc.code, "message": str(exc)}))
         finally:
-            self._gone()
-            self.runs.put_nowait(None)
-            await asyncio.shield(pump)
+            self.open = False
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+            for reader in self.live:  # the turns go on, for the run log's grace period
+                await reader.aclose()
             self.server.metrics.connections.dec()
 
     async def _command(self, message: Message) -> None:
@@ -193,8 +203,17 @@ class Socket:
         if kind == "stop":
             await self.server.interrupt(self.thread_id)
             return
+        if kind == "resume":
+            after = command.get("after")
+            if after is not None and not isinstance(after, str):
+                raise InputError('"after" must be an event id (a string) or null')
+            reader = await self.server.log.read(self.thread_id, after)
+            if reader is not None:
+                self._queue(reader)
+            return
         if kind != "send":
-            raise InputError('a command is {"type": "send", "text": "..."} or {"type": "stop"}')
+            commands = '{"type": "send", "text": "..."}, {"type": "stop"}, {"type": "resume", "after": ID}'
+            raise InputError(f"a command is one of {commands}")
         if not isinstance(command.get("text"), str):
             raise InputError('"text" must be a string')
         run_id = command.get("runId") or uuid.uuid4().hex
@@ -205,38 +224,37 @@ class Socket:
         if wait > 0:
             raise InputError(f"too many messages; try again in {wait:.1f} s", 429, "rate_limited")
         new = check_text(command["text"], limits.max_message_chars)
-        run = await self.server.start_run(self.thread_id, run_id, new)
-        self.live.append(run)
-        self.runs.put_nowait(run)
+        self._queue(await self.server.start_run(self.thread_id, run_id, new))
+
+    def _queue(self, reader: Reader) -> None:
+        self.live.append(reader)
+        self.runs.put_nowait(reader)
 
     async def _pump(self) -> None:
-        while (run := await self.runs.get()) is not None:
+        while True:
+            reader = await self.runs.get()
             try:
-                async for event in run.events():
-                    if self.open:
-                        await self._send(event.model_dump_json(by_alias=True))
+                async for event_id, data, _ in reader:
+                    # The id joins the event's own fields: '{"type":...' becomes '{"eventId":"ID","type":...'.
+                    await self._send(f'{{"eventId":"{event_id}",{data[1:]}' if event_id else data)
             except Exception:
                 log.exception("streaming a run of thread %s failed", self.thread_id)
-                if self.open:
-                    await self._send(SERVER_ERROR.model_dump_json(by_alias=True))
+                await self._send(SERVER_ERROR)
             finally:
-                await run.aclose()
-                self.live.remove(run)
+                self.live.remove(reader)
+                await reader.aclose()
 
     async def _send(self, text: str) -> None:
+        if not self.open:
+            return
         try:
             async with self.sending:
                 await self.ws.send_text(text)
         except (OSError, RuntimeError, WebSocketDisconnect):
-            self._gone()
+            self.open = False
 
     async def _close(self, code: int, reason: str) -> None:
-        self._gone()
+        self.open = False
         async with self.sending:
             with contextlib.suppress(OSError, RuntimeError, WebSocketDisconnect):
                 await self.ws.close(code, reason)
-
-    def _gone(self) -> None:
-        self.open = False
-        for run in self.live:
-            run.interrupt()

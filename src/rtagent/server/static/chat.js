@@ -15,6 +15,7 @@ thread ||= newThread();
 let token = localStorage.getItem(TOKEN_KEY);
 let socket = null; // the live socket; events of any other (closed) one are ignored
 let ready = false; // the history is drawn and the socket is open: sending is possible
+let resuming = false; // asked for the run still streaming, if any, and not sent anything since
 let starts = 0; // counts start() calls, so a superseded one gives up
 let retries = 0;
 let retryTimer = 0;
@@ -211,6 +212,8 @@ function handle(e) {
   switch (e.type) {
     case "RUN_STARTED":
       turn = addTurn();
+      if (resuming) setRunning(+1); // a replayed run, which no send of this page counted
+      resuming = false;
       break;
     case "STEP_STARTED":
       if (e.stepName === "thinking") append(el("div", "thinking", "thinking"), current());
@@ -307,7 +310,7 @@ async function loadHistory(probe) {
   log.scrollTop = log.scrollHeight;
 }
 
-// (Re)connect: the history first, as the server may have cut a reply when the socket dropped.
+// (Re)connect: the history first, then the reply still streaming, if any (see onopen).
 async function start(probe = false) {
   const run = ++starts;
   ready = false;
@@ -329,6 +332,10 @@ async function start(probe = false) {
     retries = 0;
     ready = true;
     setStatus("online", "online");
+    // A reply still streaming (the page was reloaded, or the socket dropped): the history holds
+    // everything before it, and the server replays it from its start, then streams the rest live.
+    resuming = !fresh;
+    if (resuming) ws.send(JSON.stringify({ type: "resume", after: null }));
   };
   ws.onmessage = (message) => {
     if (ws !== socket) return;
@@ -353,6 +360,7 @@ function retry(probe) {
 function send() {
   const text = input.value;
   if (!text.trim() || !ready) return;
+  resuming = false;
   socket.send(JSON.stringify({ type: "send", text }));
   if (fresh) {
     // Only now is the conversation worth coming back to after a reload.
