@@ -79,6 +79,7 @@ import json
 import math
 import os
 import resource
+import socket
 import subprocess
 import sys
 import tempfile
@@ -188,9 +189,23 @@ def _start_server(name: str, args: argparse.Namespace, db: str, profile: bool) -
     if args.sqlite_sync != "default":
         env["LOAD_SQLITE_SYNC"] = args.sqlite_sync.upper()
     env["LOAD_WORKERS"] = str(args.workers[name])
+    if name == "rtagent" and args.redis_url:
+        env["LOAD_REDIS"] = args.redis_url
     command = [sys.executable, str(HERE / "load_servers.py"), name, str(port), str(args.interval), db]
     process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL)
     return Server(name, process, port)
+
+
+def _start_redis(directory: str) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    process = subprocess.Popen(command, cwd=directory, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return process, port
+        time.sleep(0.05)
+    raise RuntimeError("redis-server did not start")
 
 
 def _get_json(server: Server, path: str) -> Any:
@@ -457,8 +472,15 @@ def _run(args: argparse.Namespace, fd_limit: dict[str, int]) -> dict[str, Any]:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="rtagent-load-") as tmp:
         servers: list[Server] = []
+        servers_extra: list[subprocess.Popen[bytes]] = []
+        args.redis_url = None
         clients: Clients | None = None
         try:
+            if args.workers.get("rtagent", 1) > 1 or args.redis:
+                # rtagent's replicas coordinate on Redis (``rtagent serve --redis``): a real one.
+                redis, redis_port = _start_redis(tmp)
+                servers_extra.append(redis)
+                args.redis_url = f"redis://127.0.0.1:{redis_port}/0"
             for name in args.servers:
                 profile = args.profile_server == name
                 db = ":memory:" if args.rtagent_db == "memory" else str(Path(tmp) / f"{name}.db")
@@ -481,7 +503,7 @@ def _run(args: argparse.Namespace, fd_limit: dict[str, int]) -> dict[str, Any]:
         finally:
             if clients is not None:
                 clients.close()
-            _stop([server.process for server in servers])
+            _stop([server.process for server in servers] + servers_extra)
     limits = {server.name: server.good for server in servers}
     report: dict[str, Any] = {
         "method": {
@@ -490,6 +512,7 @@ def _run(args: argparse.Namespace, fd_limit: dict[str, int]) -> dict[str, Any]:
             "min_start_spread_s": args.min_spread,
             "plateau_s": args.plateau,
             "rtagent_db": args.rtagent_db,
+            "rtagent_redis": args.redis_url is not None,
             "rtagent_sqlite_synchronous": args.sqlite_sync,
             "client_processes": args.clients,
             "server_workers": {server.name: args.workers[server.name] for server in servers},
@@ -540,6 +563,11 @@ def main() -> None:
         "--settle", type=float, default=0.5, help="seconds after the last start before measuring"
     )
     parser.add_argument("--clients", type=int, default=2, help="load-generator processes")
+    parser.add_argument(
+        "--redis",
+        action="store_true",
+        help="rtagent on a real redis-server (its run log and leases) even with one worker",
+    )
     parser.add_argument(
         "--workers",
         type=lambda text: {**WORKERS, **{k: int(v) for k, v in (p.split("=") for p in text.split(","))}},

@@ -23,7 +23,9 @@ answers ``GET /load/gc`` with the time its garbage collector took so far (``GcSt
 ``LOAD_GC_THRESHOLD=A,B,C`` calls ``gc.set_threshold(A, B, C)``;
 ``LOAD_SQLITE_SYNC=FULL`` sets ``PRAGMA synchronous`` on rtagent's database connection;
 ``LOAD_WORKERS=N`` runs N worker processes on the port, as ``rtagent serve --workers N`` does
-(rtagent's share the database through ``create_app(peers=...)``; the baseline keeps no state).
+(rtagent's share the database and coordinate on the Redis of ``LOAD_REDIS``, which also holds
+their run log; ``LOAD_REDIS`` with one worker measures that run log's cost; the baseline keeps no
+state).
 """
 
 from __future__ import annotations
@@ -198,12 +200,12 @@ def _requested_tokens(model_input: str | list[Any]) -> int:
 
 
 def rtagent_app(
-    interval: float, db_path: str, synchronous: str | None = None, peers: str | None = None
+    interval: float, db_path: str, synchronous: str | None = None, redis: str | None = None
 ) -> Starlette:
     model = make_model(interval)
     agent = Agent(name="bench", instructions=INSTRUCTIONS, model=model)
     limits = Limits(rate_per_s=0, max_turns=1_000_000)
-    app = create_app(agent, model=model, db_path=db_path, limits=limits, peers=peers)
+    app = create_app(agent, model=model, db_path=db_path, limits=limits, redis=redis)
     if synchronous:  # e.g. FULL: every commit then waits for an fsync, as the SDK's own sessions do
         db = app.state.server.db
         with db.lock:
@@ -313,8 +315,8 @@ def build(argv: list[str]) -> ASGIApp:
     kind, interval = argv[0], float(argv[2])
     app: ASGIApp
     if kind == "rtagent":
-        peers = os.environ.get("LOAD_PEERS")
-        app = rtagent_app(interval, argv[3], os.environ.get("LOAD_SQLITE_SYNC"), peers)
+        redis = os.environ.get("LOAD_REDIS")
+        app = rtagent_app(interval, argv[3], os.environ.get("LOAD_SQLITE_SYNC"), redis)
     else:
         app = baseline_app(interval)
     if os.environ.get("LOAD_GC_FREEZE"):
@@ -340,7 +342,6 @@ def main(argv: list[str]) -> None:
         shared = tempfile.mkdtemp(prefix="load-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(shared, "metrics")
         os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"])
-        os.environ["LOAD_PEERS"] = shared
         os.environ["LOAD_ARGV"] = json.dumps(argv)
         here = os.path.dirname(os.path.abspath(__file__))
         uvicorn.run("load_servers:worker", factory=True, workers=workers, app_dir=here, **options)

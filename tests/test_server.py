@@ -819,12 +819,13 @@ def alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the processes in /proc")
-def test_the_workers_end_when_serve_is_killed(tmp_path: Path) -> None:
+def test_the_workers_end_when_serve_is_killed(tmp_path: Path, redis_url: str) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     command = [sys.executable, "-m", "rtagent", "serve", SCRIPTED, "--workers", "2", "--port", str(port)]
-    serve = subprocess.Popen([*command, "--db", str(tmp_path / "threads.db")], stdin=subprocess.DEVNULL)
+    options = ["--db", str(tmp_path / "threads.db"), "--redis", redis_url]
+    serve = subprocess.Popen([*command, *options], stdin=subprocess.DEVNULL)
     below: set[int] = set()
     try:
         workers: set[int] = set()

@@ -62,7 +62,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-turns", type=int, metavar="N", help="concurrent turns before 503")
     serve.add_argument("--rate-limit", type=float, metavar="PER_S", help="requests per second per client")
     serve.add_argument(
-        "--workers", type=int, metavar="N", help="processes sharing the port and the database (default: 1)"
+        "--workers",
+        type=int,
+        metavar="N",
+        help="processes on the port (default: 1; more need --redis)",
+    )
+    serve.add_argument(
+        "--redis",
+        metavar="URL",
+        help="the Redis that replicas share ($RTAGENT_REDIS)",
+    )
+    serve.add_argument(
+        "--lease",
+        type=float,
+        metavar="S",
+        help="seconds until a dead replica's threads are free (default: 5)",
     )
     serve.add_argument(
         "--disconnect-grace",

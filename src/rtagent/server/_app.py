@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from agents import Agent
+from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -57,9 +58,11 @@ from starlette.websockets import WebSocket
 
 from .._chat import Chat, Policy
 from .._errors import RTAgentError, describe
+from .._history import content_text, record_cut
 from .._loading import load_agent
 from .._models import ModelSpec, resolve_model
-from ._agui import AguiRun, dump, history_messages
+from ._agui import AguiRun, dump, history_messages, log
+from ._bus import Bus, check_redis
 from ._limits import (
     AccessLog,
     Guard,
@@ -74,11 +77,11 @@ from ._limits import (
     parse_run_input,
     read_body,
 )
+from ._redislog import RedisRunLog
 from ._runlog import Reader, RunLog, kind_of
 from ._security import SameSite
 from ._store import Store, default_path, store_path
 from ._transport import App, EventStream, Socket
-from ._workers import Peers
 
 STATIC = Path(__file__).with_name("static")
 
@@ -93,8 +96,9 @@ class _Server:
         db_path: str | Path | None,
         policy: Policy,
         limits: Limits,
-        peers: str | Path | None = None,
+        redis: str | None = None,
         disconnect_grace: float = 15.0,
+        lease_s: float = 5.0,
     ) -> None:
         self.agent = agent
         self.model = resolve_model(model, agent)  # a bad spec fails here, at start-up, in one line
@@ -102,14 +106,25 @@ class _Server:
         if str(path) != ":memory:":
             path.parent.mkdir(parents=True, exist_ok=True)
         self.db = Store(str(path))
-        self.peers = None if peers is None else Peers(peers)
+        # With Redis, replicas share the threads: one turn per thread across them (see ``_bus``).
+        self.bus = None if redis is None else Bus(redis, lease_s=lease_s, max_turns=limits.max_turns)
         self.policy: Policy = policy
         self.limits = limits
         self.metrics = Metrics()
-        self.log = RunLog(grace_s=disconnect_grace)
+        self.log = (
+            RunLog(grace_s=disconnect_grace) if self.bus is None else self._shared_log(disconnect_grace)
+        )
         self.limiter = RateLimiter(limits.rate_per_s, limits.burst) if limits.rate_per_s > 0 else None
         self._chats: OrderedDict[str, Chat] = OrderedDict()
         self._active = 0
+        self._running: dict[str, int] = {}  # thread -> its turns here, running or waiting to
+        self._members: dict[str, list[str]] = {}  # thread -> its turns' places in the shared cap
+
+    def _shared_log(self, grace_s: float) -> RedisRunLog:
+        assert self.bus is not None
+        log = RedisRunLog(self.bus, grace_s=grace_s)
+        log.recover = self.recover
+        return log
 
     # -- conversations --------------------------------------------------------------------------
 
@@ -147,21 +162,102 @@ class _Server:
         chat = self.chat(thread_id)
         if text is None:
             return Reader(_unlogged(AguiRun(thread_id, run_id, chat, None, observe=self.metrics.observe)))
-        if self._active >= self.limits.max_turns:
-            message = f"the server runs its maximum of {self.limits.max_turns} turns; try again shortly"
-            raise InputError(message, 503, "overloaded")
-        if self.peers is not None:  # a turn of this thread in another worker goes first
-            await self.peers.claim(thread_id, interrupt=self.policy == "interrupt")
+        full = f"the server runs its maximum of {self.limits.max_turns} turns; try again shortly"
+        if self.bus is None and self._active >= self.limits.max_turns:
+            raise InputError(full, 503, "overloaded")
+        if self.bus is not None:
+            member = await self.bus.enter_turn()
+            if member is None:
+                raise InputError(full, 503, "overloaded")
+            self._members.setdefault(thread_id, []).append(member)
+            try:
+                await self._claim(thread_id)
+            except BaseException:
+                await self._leave(thread_id)
+                raise
+        self._running[thread_id] = self._running.get(thread_id, 0) + 1
         self._active += 1
         self.metrics.turns.inc()
         run = AguiRun(thread_id, run_id, chat, chat.send(text), observe=self.metrics.observe)
         return self.log.produce(run, text, functools.partial(self.turn_ended, thread_id))
 
+    async def _claim(self, thread_id: str) -> None:
+        """Before a turn of the thread starts here: hold its lease (a turn of it elsewhere is
+        interrupted, or awaited, by the policy); close the run of a replica that died with it."""
+        assert self.bus is not None
+        if self._running.get(thread_id):
+            return  # this replica holds it already; the chat orders the turns
+        await self.bus.acquire(thread_id, interrupt=self.policy == "interrupt")
+        await self._close_dead_run(thread_id)
+
+    async def _close_dead_run(self, thread_id: str) -> None:
+        assert isinstance(self.log, RedisRunLog)
+        dead = await self.log.dead_run(thread_id)
+        if dead is None:
+            return
+        # What the user saw of it stays in the history, marked as cut, as after an interrupt.
+        session = self.chat(thread_id).session
+        last = await session.get_items(limit=1)
+        item: dict[str, Any] = last[0] if last else {}  # type: ignore[assignment]
+        if not (item.get("role") == "user" and content_text(item.get("content")) == dead.user):
+            await session.add_items([{"role": "user", "content": dead.user}])
+        if dead.text:
+            await record_cut(session, dead.text, [], {})
+        await self.log.close_dead(thread_id, dead)
+        log.warning("thread %s: closed run %s of a replica that stopped", thread_id, dead.run_id)
+
+    async def recover(self, thread_id: str) -> None:
+        """Take over a thread whose replica died mid-run (a follower here found its lease gone)."""
+        assert self.bus is not None
+        if self._running.get(thread_id):
+            return
+        try:
+            await self.bus.acquire(thread_id, interrupt=False, timeout_s=1.0)
+        except InputError:
+            return  # another replica took it meanwhile, and closes the run
+        try:
+            await self._close_dead_run(thread_id)
+        finally:
+            if not self._running.get(thread_id):
+                await self.bus.release(thread_id)
+
     async def turn_ended(self, thread_id: str) -> None:
         self._active -= 1
         self.metrics.turns.dec()
-        if self.peers is not None:
-            self.peers.release(thread_id)
+        self._running[thread_id] -= 1
+        if self._running[thread_id] == 0:
+            del self._running[thread_id]
+        if self.bus is not None:
+            try:
+                await self._leave(thread_id)
+                if thread_id not in self._running:
+                    await self.bus.release(thread_id)
+            except (RedisError, OSError) as exc:  # the lease expires by itself
+                log.warning("cannot release thread %s on Redis: %s", thread_id, exc)
+
+    async def _leave(self, thread_id: str) -> None:
+        assert self.bus is not None
+        members = self._members.get(thread_id)
+        if members:
+            await self.bus.leave_turn(members.pop(0))
+            if not members:
+                del self._members[thread_id]
+
+    async def answer(self, operation: str, thread_id: str) -> None:
+        """What another replica asks of this one (see ``_bus``)."""
+        if operation == "detached":
+            self.log.detached_elsewhere(thread_id)
+        elif operation in ("interrupt", "stop"):
+            self.interrupt_here(thread_id)
+
+    def interrupt_here(self, thread_id: str) -> bool:
+        """Interrupt the thread's turn running in this process; whether there was one."""
+        chat = self._chats.get(thread_id)
+        if chat is None or _idle(chat):
+            return False
+        assert chat.turn is not None
+        chat.turn.interrupt()
+        return True
 
     async def aclose(self) -> None:
         """Interrupt every running turn, wait (briefly) for their histories to be saved, close the file."""
@@ -169,8 +265,10 @@ class _Server:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.gather(*closing, return_exceptions=True), 10)
         self._chats.clear()
-        if self.peers is not None:
-            await self.peers.aclose()
+        if self.bus is not None:
+            assert isinstance(self.log, RedisRunLog)
+            await self.log.aclose()
+            await self.bus.aclose()
         self.metrics.close()
         self.db.close()
 
@@ -185,23 +283,10 @@ class _Server:
         return EventStream(reader, self)  # type: ignore[return-value]
 
     async def interrupt(self, thread_id: str) -> bool:
-        """Interrupt the thread's running turn, in this worker or another; whether there was one."""
-        if await self.answer_peer("stop", thread_id):
+        """Interrupt the thread's running turn, here or in another replica; whether there was one."""
+        if self.interrupt_here(thread_id):
             return True
-        return self.peers is not None and await self.peers.stop(thread_id)
-
-    async def answer_peer(self, operation: str, thread_id: str) -> bool:
-        """Stop, interrupt or await the thread's turn running here (see ``Peers``); whether one was."""
-        chat = self._chats.get(thread_id)
-        if chat is None or _idle(chat):
-            return False
-        turn = chat.turn
-        assert turn is not None
-        if operation != "wait":
-            turn.interrupt()
-        if operation != "stop":
-            await turn.join()
-        return True
+        return self.bus is not None and await self.bus.tell_holder(thread_id, "stop")
 
     async def resume(self, request: Request) -> Response:
         thread_id = check_thread_id(request.path_params["thread_id"])
@@ -226,9 +311,9 @@ class _Server:
         thread_id = request.path_params["thread_id"]
         chat = await self.known_chat(thread_id)
         await chat.aclose()
-        if self.peers is not None:  # and a turn of it in another worker
-            await self.peers.claim(thread_id, interrupt=True)
-            self.peers.release(thread_id)
+        if self.bus is not None and not self._running.get(thread_id):  # and a turn of it elsewhere
+            await self.bus.acquire(thread_id, interrupt=True)
+            await self.bus.release(thread_id)
         await chat.session.clear_session()
         self._chats.pop(thread_id, None)
         self.metrics.sessions.set(len(self._chats))
@@ -275,8 +360,9 @@ def create_app(
     allowed_hosts: Sequence[str] = (),
     policy: Policy = "interrupt",
     limits: Limits | None = None,
-    peers: str | Path | None = None,
+    redis: str | None = None,
     disconnect_grace: float = 15.0,
+    lease_s: float = 5.0,
 ) -> Starlette:
     """The ASGI app serving ``agent`` (run it with uvicorn); see the module docstring for the API.
 
@@ -284,13 +370,14 @@ def create_app(
     directory, see ``_store.default_path``).
     ``token``: every API request must then carry ``Authorization: Bearer TOKEN``. ``cors_origins``:
     the browser origins allowed to call the API from other sites (none by default).
-    ``allowed_hosts``: the names it answers to besides the loopback ones (see ``_security``). ``peers``: a
-    directory shared by the worker processes serving the same ``db_path`` (``serve --workers``),
-    where they reach each other to keep to one turn per thread (see ``_workers``).
+    ``allowed_hosts``: the names it answers to besides the loopback ones (see ``_security``).
+    ``redis``: the URL of the Redis that replicas serving the same conversations share (``serve --redis``, and
+    ``--workers``): leases, stops, the turn cap and the run log live there (see ``_bus``), and a
+    replica's lease expires ``lease_s`` after it stops renewing it.
     ``disconnect_grace``: how long a turn whose clients all went away keeps running for one to
     come back (0: it is interrupted at once).
     """
-    server = _Server(agent, model, db_path, policy, limits or Limits(), peers, disconnect_grace)
+    server = _Server(agent, model, db_path, policy, limits or Limits(), redis, disconnect_grace, lease_s)
     thread = "/threads/{thread_id}"
     routes: list[Route | WebSocketRoute | Mount] = [
         Route("/agui", server.agui, methods=["POST"]),
@@ -327,8 +414,8 @@ def create_app(
         warm = getattr(server.model, "warm", None)
         if warm is not None:  # the embedded model starts now, not on the first person's message
             await warm(server.agent)
-        if server.peers is not None:
-            await server.peers.start(server.answer_peer)
+        if server.bus is not None:
+            await server.bus.start(server.answer, server.interrupt_here)
         # The SDK, openai and pydantic leave some 200,000 objects that live as long as the process;
         # every full collection walked them all, pausing every stream for up to half a second
         # (bench/load.py). Frozen, the collector only sees what the conversations allocate.
@@ -352,11 +439,11 @@ def create_app(
 def serve_main(args: argparse.Namespace) -> int:
     """``rtagent serve [AGENT] [--model SPEC] [--host H] [--port P] [--token T] [--db PATH | --store URL]
     [--cors-origin ORIGIN]... [--allowed-host NAME]... [--max-turns N] [--rate-limit PER_S]
-    [--workers N]``: serve until Ctrl-C.
+    [--redis URL [--lease S]] [--workers N] [--disconnect-grace S]``: serve until Ctrl-C.
 
     Returns the exit status. Every attribute of ``args`` is optional (``None`` means the default).
     With ``workers`` over 1, uvicorn starts that many processes, each building the app from the
-    same options (``worker_app``); the turn cap and the rate limit then hold per worker.
+    same options (``worker_app``); they coordinate on Redis, as replicas on several hosts do.
     """
     import uvicorn
 
@@ -375,7 +462,14 @@ def serve_main(args: argparse.Namespace) -> int:
         return 2
     try:
         db_path = _db_path(getattr(args, "db", None), getattr(args, "store", None))
-        grace = _grace(getattr(args, "disconnect_grace", None))
+        grace = _seconds(getattr(args, "disconnect_grace", None), "RTAGENT_DISCONNECT_GRACE", 15.0)
+        lease = _seconds(getattr(args, "lease", None), "RTAGENT_LEASE_S", 5.0)
+        redis: str | None = getattr(args, "redis", None) or os.environ.get("RTAGENT_REDIS") or None
+        workers: int = getattr(args, "workers", None) or 1
+        if workers > 1 and redis is None:
+            raise RTAgentError("--workers over 1 needs --redis URL (or RTAGENT_REDIS): the workers share it")
+        if redis is not None:
+            check_redis(redis)
     except RTAgentError as exc:
         print(f"rtagent serve: {describe(exc)}", file=sys.stderr)
         return 2
@@ -393,8 +487,9 @@ def serve_main(args: argparse.Namespace) -> int:
         "allowed_hosts": allowed_hosts,
         "limits": limits,
         "disconnect_grace": grace,
+        "redis": redis,
+        "lease_s": lease,
     }
-    workers: int = getattr(args, "workers", None) or 1
     # uvicorn's own access log is off: ours is structured and knows the thread.
     settings: dict[str, Any] = {
         "host": host,
@@ -412,12 +507,10 @@ def serve_main(args: argparse.Namespace) -> int:
     except RTAgentError as exc:
         print(f"rtagent serve: {describe(exc)}", file=sys.stderr)
         return 2
-    with tempfile.TemporaryDirectory(prefix="rtagent-") as peers:
-        metrics = Path(peers, "metrics")
-        metrics.mkdir()
+    with tempfile.TemporaryDirectory(prefix="rtagent-metrics-") as metrics:
         # Read by each worker (uvicorn spawns them) before it imports prometheus_client.
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics)
-        os.environ[_WORKER_OPTIONS] = json.dumps({**options, "peers": peers, "parent": os.getpid()})
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics
+        os.environ[_WORKER_OPTIONS] = json.dumps({**options, "parent": os.getpid()})
         uvicorn.run(f"{__name__}:worker_app", factory=True, workers=workers, **settings)
     return 0
 
@@ -430,14 +523,14 @@ def _db_path(db: str | None, store: str | None) -> str | None:
     return db or (store_path(url) if url else None)
 
 
-def _grace(given: float | None) -> float:
-    """``--disconnect-grace``, else ``RTAGENT_DISCONNECT_GRACE``, else 15 s."""
+def _seconds(given: float | None, variable: str, default: float) -> float:
+    """A duration from its flag, else its environment variable, else ``default``."""
     if given is not None:
         return given
     try:
-        return float(os.environ.get("RTAGENT_DISCONNECT_GRACE") or 15.0)
+        return float(os.environ.get(variable) or default)
     except ValueError:
-        raise RTAgentError("RTAGENT_DISCONNECT_GRACE must be a number of seconds") from None
+        raise RTAgentError(f"{variable} must be a number of seconds") from None
 
 
 _WORKER_OPTIONS = "RTAGENT_SERVE_OPTIONS"
@@ -485,6 +578,7 @@ def _app(options: dict[str, Any]) -> Starlette:
         cors_origins=options["cors_origins"],
         allowed_hosts=options["allowed_hosts"],
         limits=dataclasses.replace(Limits(), **options["limits"]),
-        peers=options.get("peers"),
+        redis=options["redis"],
         disconnect_grace=options["disconnect_grace"],
+        lease_s=options["lease_s"],
     )

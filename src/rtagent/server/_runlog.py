@@ -57,7 +57,7 @@ def kind_of(event: object) -> int:
 class Ring:
     """A thread's latest entries in this process, and the run it produces now, if any."""
 
-    __slots__ = ("active", "changed", "entries", "expiry", "grace", "pumps", "readers", "run")
+    __slots__ = ("active", "changed", "check", "entries", "expiry", "grace", "pumps", "readers", "run")
 
     def __init__(self, size: int) -> None:
         self.entries: deque[Entry] = deque(maxlen=size)
@@ -68,6 +68,7 @@ class Ring:
         self.readers = 0
         self.grace: asyncio.TimerHandle | None = None
         self.expiry: asyncio.TimerHandle | None = None
+        self.check: asyncio.Future[None] | None = None  # whether anyone follows it elsewhere
 
     def append(self, entry: Entry) -> None:
         self.entries.append(entry)
@@ -188,6 +189,10 @@ class RunLog:
     async def flush(self, thread_id: str) -> None:
         """Return once what ``publish`` took of the thread is shared."""
 
+    async def watched(self, thread_id: str) -> bool:
+        """Whether a client follows the thread from another process."""
+        return False
+
     # -- reading ------------------------------------------------------------------------------------
 
     def _reader(self, ring: Ring, entries: AsyncIterator[Entry]) -> Reader:
@@ -261,10 +266,25 @@ class RunLog:
 
         def check() -> None:
             ring.grace = None
-            if ring.readers == 0:
-                _interrupt(ring)
+            if ring.readers == 0 and ring.run is not None:
+                ring.check = asyncio.ensure_future(self._interrupt_unwatched(ring, ring.run.thread_id))
 
         ring.grace = asyncio.get_running_loop().call_later(self.grace_s, check)
+
+    async def _interrupt_unwatched(self, ring: Ring, thread_id: str) -> None:
+        try:
+            watched = await self.watched(thread_id)
+        except Exception:  # nobody can tell: the turn goes on, as it would with a client
+            log.warning("cannot tell whether thread %s is followed elsewhere", thread_id)
+            return
+        if not watched and ring.readers == 0:
+            _interrupt(ring)
+
+    def detached_elsewhere(self, thread_id: str) -> None:
+        """The last follower of the thread in another process went away."""
+        ring = self._rings.get(thread_id)
+        if ring is not None:
+            self.detached(ring)
 
 
 class Reader:

@@ -1,0 +1,249 @@
+"""The run log shared by replicas: each thread's events in a Redis Stream (``rtagent:log:THREAD``,
+bounded in length, expiring an hour after its last write), beside the ring of the process that
+produces them (see ``_runlog``).
+
+The producing process serves its own clients from its ring and writes the stream in batches: one
+script call per thread every few milliseconds (``FLUSH_S``) rather than a round trip per token,
+which checks the lease's fencing token before it writes (see ``_bus``). A thread's latest run is
+described in ``rtagent:run:THREAD``: its id, first event id, the user's message and whether it
+ended, which is how a replica taking over from a dead one finds the run to close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from ._agui import log
+from ._bus import PREFIX, Bus
+from ._runlog import END, START, Entry, Reader, RunLog, parse_id
+
+APPEND = """
+if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
+for i = 5, #ARGV, 3 do
+  redis.call('xadd', KEYS[2], 'MAXLEN', '~', ARGV[2], ARGV[i], 'e', ARGV[i + 1], 'k', ARGV[i + 2])
+end
+if ARGV[4] ~= '' then
+  for field, value in pairs(cjson.decode(ARGV[4])) do redis.call('hset', KEYS[3], field, value) end
+end
+redis.call('pexpire', KEYS[2], ARGV[3])
+redis.call('pexpire', KEYS[3], ARGV[3])
+return 1
+"""
+# How long writes wait to be batched; what a reconnecting client may find not yet written.
+FLUSH_S = 0.005
+# How long a follower on another replica waits for an event before it checks the run's holder.
+BLOCK_MS = 1000
+
+
+@dataclass
+class DeadRun:
+    """A run whose replica died: what it had streamed, and the entries that close it."""
+
+    run_id: str
+    user: str
+    text: str
+    closing: list[Entry]
+
+
+class RedisRunLog(RunLog):
+    def __init__(
+        self,
+        bus: Bus,
+        *,
+        grace_s: float = 15.0,
+        size: int = 10_000,
+        keep_s: float = 600.0,
+        ttl_s: float = 3600.0,
+    ) -> None:
+        super().__init__(grace_s=grace_s, size=size, keep_s=keep_s)
+        self.bus = bus
+        self.redis: Any = bus.redis
+        self.ttl_ms = int(ttl_s * 1000)
+        self._append = self.redis.register_script(APPEND)
+        self._pending: dict[str, list[str]] = {}
+        self._meta: dict[str, dict[str, str]] = {}
+        self._wake = asyncio.Event()
+        self._flushed = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+        # Set by the server: take over a thread whose holder died (see ``_app``).
+        self.recover: Callable[[str], Awaitable[None]] | None = None
+        self._unwatching: set[asyncio.Future[None]] = set()
+
+    # -- writing ----------------------------------------------------------------------------------
+
+    async def last_id(self, thread_id: str) -> str | None:
+        found = await self.redis.xrevrange(f"{PREFIX}log:{thread_id}", count=1)
+        return str(found[0][0]) if found else None
+
+    def publish(self, thread_id: str, entry: Entry, user: str | None, run_id: str) -> None:
+        event_id, data, kind = entry
+        self._pending.setdefault(thread_id, []).extend((event_id, data, str(kind)))
+        if user is not None:
+            self._meta[thread_id] = {"run": run_id, "first": event_id, "user": user, "state": "running"}
+        if kind == END:
+            self._meta.setdefault(thread_id, {})["state"] = "ended"
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_forever())
+        self._wake.set()
+
+    async def flush(self, thread_id: str) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(3):  # Redis gone: the turn still ends, its history saved
+                while thread_id in self._pending or thread_id in self._meta:
+                    await self._flushed.wait()
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await self._wake.wait()
+            await asyncio.sleep(FLUSH_S)
+            self._wake.clear()
+            pending, self._pending = self._pending, {}
+            meta, self._meta = self._meta, {}
+            try:
+                await self._write(pending, meta)
+            except (RedisError, OSError) as exc:
+                log.warning("cannot write the run log to Redis (%s); retrying", exc)
+                for thread_id, args in pending.items():  # back in front, in order
+                    self._pending[thread_id] = args + self._pending.get(thread_id, [])
+                for thread_id, fields in meta.items():
+                    self._meta[thread_id] = {**fields, **self._meta.get(thread_id, {})}
+                self._wake.set()
+                await asyncio.sleep(0.2)
+            finally:
+                flushed, self._flushed = self._flushed, asyncio.Event()
+                flushed.set()
+
+    async def _write(self, pending: dict[str, list[str]], meta: dict[str, dict[str, str]]) -> None:
+        threads = list(pending.keys() | meta.keys())
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for thread_id in threads:
+                args = [
+                    self.bus.held.get(thread_id, ""),
+                    self.size,
+                    self.ttl_ms,
+                    json.dumps(meta[thread_id]) if thread_id in meta else "",
+                    *pending.get(thread_id, ()),
+                ]
+                await self._append(keys=self._keys(thread_id), args=args, client=pipe)
+            results = await pipe.execute()
+        for thread_id, written in zip(threads, results, strict=True):
+            if not written:  # fenced off: another replica holds the thread now
+                log.warning("thread %s is another replica's now; this one's run is not logged", thread_id)
+                ring = self._rings.get(thread_id)
+                if ring is not None and ring.run is not None:
+                    ring.run.interrupt()
+
+    def _keys(self, thread_id: str) -> list[str]:
+        return [f"{PREFIX}lease:{thread_id}", f"{PREFIX}log:{thread_id}", f"{PREFIX}run:{thread_id}"]
+
+    # -- a dead replica's run -------------------------------------------------------------------
+
+    async def dead_run(self, thread_id: str) -> DeadRun | None:
+        """The thread's latest run if it never ended (call it holding the lease: nobody runs it)."""
+        meta = await self.redis.hgetall(f"{PREFIX}run:{thread_id}")
+        if meta.get("state") != "running":
+            return None
+        text: list[str] = []
+        open_message: str | None = None
+        last = meta["first"]
+        for event_id, fields in await self.redis.xrange(f"{PREFIX}log:{thread_id}", min=meta["first"]):
+            last = event_id
+            event: dict[str, Any] = json.loads(fields["e"])
+            if event["type"] == "TEXT_MESSAGE_START":
+                open_message = event["messageId"]
+            elif event["type"] == "TEXT_MESSAGE_CONTENT":
+                text.append(event["delta"])
+            elif event["type"] == "TEXT_MESSAGE_END":
+                open_message = None
+        ms, seq = parse_id(last)
+        closing: list[dict[str, Any]] = []
+        if open_message is not None:
+            closing.append({"type": "TEXT_MESSAGE_END", "messageId": open_message})
+        message = "the server running this reply stopped; the text so far is kept"
+        closing.append({"type": "RUN_ERROR", "message": message, "code": "server_lost"})
+        entries = [
+            (f"{ms}-{seq + i}", json.dumps(event, separators=(",", ":")), END if i == len(closing) else 0)
+            for i, event in enumerate(closing, 1)
+        ]
+        return DeadRun(meta.get("run", ""), meta.get("user", ""), "".join(text), entries)
+
+    async def close_dead(self, thread_id: str, dead: DeadRun) -> None:
+        args: list[Any] = [self.bus.held.get(thread_id, ""), self.size, self.ttl_ms]
+        args.append(json.dumps({"state": "ended"}))
+        for event_id, data, kind in dead.closing:
+            args += [event_id, data, kind]
+        await self._append(keys=self._keys(thread_id), args=args)
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    async def read(self, thread_id: str, after: str | None) -> Reader | None:
+        ring = self._rings.get(thread_id)
+        # This process produces the thread's run: its ring has it all, even what is not written yet.
+        mine = ring is not None and ring.running and ring.entries
+        if mine and (after is None or parse_id(after) >= parse_id(ring.entries[0][0])):  # type: ignore[union-attr]
+            return await super().read(thread_id, after)
+        key = f"{PREFIX}log:{thread_id}"
+        if after is None:
+            first = await self.redis.hget(f"{PREFIX}run:{thread_id}", "first")
+            if first is None:
+                return None
+            batch = await self.redis.xrange(key, min=first, count=1000)
+        else:
+            parse_id(after)
+            batch = await self.redis.xrange(key, min=f"({after}", count=1000)
+        if not batch and await self._ended(thread_id):
+            return None
+        await self.redis.incr(f"{PREFIX}watch:{thread_id}")
+        await self.redis.expire(f"{PREFIX}watch:{thread_id}", 3600)
+        entries = self._tail(thread_id, batch, after)
+        return Reader(entries, lambda: self._unwatch_soon(thread_id))
+
+    async def _ended(self, thread_id: str) -> bool:
+        state: str | None = await self.redis.hget(f"{PREFIX}run:{thread_id}", "state")
+        return state != "running"
+
+    async def _tail(self, thread_id: str, batch: list[Any], after: str | None) -> AsyncGenerator[Entry, None]:
+        key = f"{PREFIX}log:{thread_id}"
+        last = after or "0-0"
+        ended = False
+        while True:
+            for event_id, fields in batch:
+                last = event_id
+                kind = int(fields.get("k", 0))
+                ended = kind == END or (ended and kind != START)
+                yield event_id, fields["e"], kind
+            if ended and await self._ended(thread_id):
+                more = await self.redis.xrange(key, min=f"({last}", count=1)
+                if not more:
+                    return
+            found = await self.redis.xread({key: last}, count=1000, block=BLOCK_MS)
+            batch = found[0][1] if found else []
+            idle = not batch and not ended and not await self._ended(thread_id)
+            if idle and await self.bus.holder(thread_id) is None and self.recover is not None:
+                await self.recover(thread_id)  # its replica died: close the run, keep its text
+
+    def _unwatch_soon(self, thread_id: str) -> None:
+        task = asyncio.ensure_future(self._unwatch(thread_id))
+        self._unwatching.add(task)
+        task.add_done_callback(self._unwatching.discard)
+
+    async def _unwatch(self, thread_id: str) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            if await self.redis.decr(f"{PREFIX}watch:{thread_id}") <= 0:
+                await self.bus.tell_holder(thread_id, "detached")
+
+    async def watched(self, thread_id: str) -> bool:
+        return int(await self.redis.get(f"{PREFIX}watch:{thread_id}") or 0) > 0
+
+    async def aclose(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
+                await self._flusher

@@ -1,0 +1,198 @@
+"""Two ``rtagent serve`` replicas on one real Redis and one conversation store: a thread's turn
+runs on one replica, and a stop, a new message or a reconnecting client on the other reaches it;
+a replica killed mid-turn frees the thread within its lease, its streamed text kept.
+
+Each replica is a real subprocess serving the scripted agent of ``tests/agents`` (``long``: a
+200-word reply at 50 ms a word).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from test_runlog import frames, text_of
+
+from rtagent.server._runlog import parse_id
+
+AGENT = str(Path(__file__).parent / "agents" / "scripted.py")
+LONG = " ".join(f"word{n}" for n in range(200))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start(db: Path, redis_url: str) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    command = [sys.executable, "-m", "rtagent", "serve", AGENT, "--port", str(port), "--db", str(db)]
+    options = ["--redis", redis_url, "--rate-limit", "0", "--lease", "1", "--disconnect-grace", "5"]
+    process = subprocess.Popen([*command, *options], stdin=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with suppress(httpx.TransportError):
+            if httpx.get(f"{url}/healthz").status_code == 200:
+                return process, url
+        assert process.poll() is None, "the replica exited"
+        time.sleep(0.05)
+    raise AssertionError("the replica did not start")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@pytest.fixture
+def replicas(tmp_path: Path, redis_url: str) -> Iterator[tuple[str, str, subprocess.Popen[bytes]]]:
+    redis.Redis.from_url(redis_url).flushall()
+    a, url_a = start(tmp_path / "threads.db", redis_url)
+    b, url_b = start(tmp_path / "threads.db", redis_url)
+    try:
+        yield url_a, url_b, a
+    finally:
+        stop(a)
+        stop(b)
+
+
+def run_input(text: str, thread: str = "t1", run: str = "r1") -> dict[str, Any]:
+    messages = [{"id": f"u-{run}", "role": "user", "content": text}]
+    return {"threadId": thread, "runId": run, "messages": messages, "state": {}, "tools": [], "context": []}
+
+
+async def stream_some(url: str, body: dict[str, Any], count: int) -> list[tuple[str | None, dict[str, Any]]]:
+    """The first ``count`` frames of a run; then the client goes away."""
+    seen: list[tuple[str | None, dict[str, Any]]] = []
+    buffer = ""
+    async with (
+        httpx.AsyncClient(base_url=url, timeout=30) as http,
+        http.stream("POST", "/agui", json=body) as r,
+    ):
+        async for chunk in r.aiter_text():
+            buffer += chunk
+            *blocks, buffer = buffer.split("\n\n")
+            seen += frames("\n\n".join(blocks))
+            if len(seen) >= count:
+                break
+    return seen
+
+
+async def test_a_client_of_a_reconnects_to_b_and_gets_the_rest_with_no_gap_or_duplicate(
+    replicas: tuple[str, str, subprocess.Popen[bytes]],
+) -> None:
+    url_a, url_b, _ = replicas
+    first = await stream_some(url_a, run_input("tell me something long"), 30)
+    async with httpx.AsyncClient(base_url=url_b, timeout=30) as http:
+        resumed = await http.get("/threads/t1/stream", headers={"Last-Event-ID": str(first[-1][0])})
+        rest = frames(resumed.text)
+    ids = [i for i, _ in first + rest if i]
+    assert len(ids) == len(set(ids)) == len(first + rest)
+    assert [parse_id(i) for i in ids] == sorted(parse_id(i) for i in ids)
+    events = [e for _, e in first + rest]
+    assert text_of(events) == LONG
+    assert events[-1]["type"] == "RUN_FINISHED"
+    assert events[-1]["result"]["interrupted"] is False
+
+
+async def test_a_stop_sent_to_b_interrupts_the_turn_on_a(
+    replicas: tuple[str, str, subprocess.Popen[bytes]],
+) -> None:
+    url_a, url_b, _ = replicas
+    async with httpx.AsyncClient(base_url=url_a, timeout=30) as a, httpx.AsyncClient(base_url=url_b) as b:
+        running = asyncio.create_task(a.post("/agui", json=run_input("something long please")))
+        await asyncio.sleep(1.0)
+        stopped = await b.post("/threads/t1/stop")
+        events = [e for _, e in frames((await running).text)]
+    assert stopped.json() == {"threadId": "t1", "stopped": True}
+    assert events[-1]["type"] == "RUN_FINISHED"
+    assert events[-1]["result"]["interrupted"] is True
+    assert 0 < len(text_of(events)) < len(LONG)
+
+
+async def test_a_message_to_b_interrupts_the_turn_on_a_and_runs_next(
+    replicas: tuple[str, str, subprocess.Popen[bytes]],
+) -> None:
+    url_a, url_b, _ = replicas
+    async with (
+        httpx.AsyncClient(base_url=url_a, timeout=30) as a,
+        httpx.AsyncClient(base_url=url_b, timeout=30) as b,
+    ):
+        running = asyncio.create_task(a.post("/agui", json=run_input("something long please")))
+        await asyncio.sleep(1.0)
+        second = frames((await b.post("/agui", json=run_input("hello again", run="r2"))).text)
+        first = frames((await running).text)
+        history = (await b.get("/threads/t1/messages")).json()["messages"]
+    assert first[-1][1]["result"]["interrupted"] is True
+    # The echo counts the user's messages and says where its last reply was cut: B saw A's history.
+    reply = text_of([e for _, e in second])
+    assert reply.startswith("You said: hello again (message 2) My last reply was cut off after 'word"), reply
+    assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
+    assert history[1]["metadata"] == {"rtagent": {"interrupted": True}}
+
+
+async def test_a_replica_killed_mid_turn_frees_the_thread_within_its_lease_and_keeps_what_was_shown(
+    replicas: tuple[str, str, subprocess.Popen[bytes]],
+) -> None:
+    url_a, url_b, process_a = replicas
+    shown = await stream_some(url_a, run_input("something long please"), 40)
+    streamed = text_of([e for _, e in shown])
+    await asyncio.sleep(0.3)  # the run log's batches reach Redis within milliseconds
+    process_a.send_signal(signal.SIGKILL)
+    process_a.wait(10)
+    killed = time.monotonic()
+    async with httpx.AsyncClient(base_url=url_b, timeout=30) as b:
+        second = frames((await b.post("/agui", json=run_input("are you there", run="r2"))).text)
+        took = time.monotonic() - killed
+        history = (await b.get("/threads/t1/messages")).json()["messages"]
+    assert took < 5, f"the thread was free only after {took:.1f} s"
+    assert second[-1][1]["type"] == "RUN_FINISHED"
+    assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
+    assert history[0]["content"] == "something long please"
+    cut = history[1]
+    assert cut["metadata"] == {"rtagent": {"interrupted": True}}
+    assert cut["content"].startswith(streamed), (cut["content"], streamed)
+    assert LONG.startswith(cut["content"])
+
+
+def test_workers_need_redis(capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from rtagent.server._app import serve_main
+
+    assert serve_main(argparse.Namespace(agent=AGENT, workers=2)) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0
+    assert "--workers over 1 needs --redis" in err
+
+
+def test_an_unreachable_redis_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from rtagent.server._app import serve_main
+
+    assert (
+        serve_main(argparse.Namespace(agent=AGENT, redis=f"redis://:hunter2@127.0.0.1:{free_port()}/0")) == 2
+    )
+    err = capsys.readouterr().err
+    assert err.startswith("rtagent serve: cannot use Redis at redis://***@127.0.0.1:")
+    assert "hunter2" not in err
+    assert err.strip().count("\n") == 0
