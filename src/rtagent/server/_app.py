@@ -56,6 +56,7 @@ from .._errors import RTAgentError, describe
 from .._loading import load_agent
 from .._models import ModelSpec, resolve_model
 from ._agui import AguiRun, dump, history_messages
+from ._engines import check_store, open_store
 from ._limits import (
     AccessLog,
     Guard,
@@ -71,7 +72,6 @@ from ._limits import (
     read_body,
 )
 from ._security import SameSite
-from ._store import Store, default_path, store_path
 from ._transport import App, EventStream, Socket
 from ._workers import Peers
 
@@ -89,13 +89,11 @@ class _Server:
         policy: Policy,
         limits: Limits,
         peers: str | Path | None = None,
+        store: str | None = None,
     ) -> None:
         self.agent = agent
         self.model = resolve_model(model, agent)  # a bad spec fails here, at start-up, in one line
-        path = Path(db_path) if db_path is not None else default_path()
-        if str(path) != ":memory:":
-            path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = Store(str(path))
+        self.db = open_store(store, db_path)  # SQLite, PostgreSQL or Redis (see ``_engines``)
         self.peers = None if peers is None else Peers(peers)
         self.policy: Policy = policy
         self.limits = limits
@@ -165,7 +163,7 @@ class _Server:
         if self.peers is not None:
             await self.peers.aclose()
         self.metrics.close()
-        self.db.close()
+        await self.db.aclose()
 
     # -- HTTP endpoints -------------------------------------------------------------------------
 
@@ -255,6 +253,7 @@ def create_app(
     policy: Policy = "interrupt",
     limits: Limits | None = None,
     peers: str | Path | None = None,
+    store: str | None = None,
 ) -> Starlette:
     """The ASGI app serving ``agent`` (run it with uvicorn); see the module docstring for the API.
 
@@ -265,8 +264,10 @@ def create_app(
     ``allowed_hosts``: the names it answers to besides the loopback ones (see ``_security``). ``peers``: a
     directory shared by the worker processes serving the same ``db_path`` (``serve --workers``),
     where they reach each other to keep to one turn per thread (see ``_workers``).
+    ``store``: instead of ``db_path``, a URL: ``sqlite:///PATH``, ``postgresql://...`` or
+    ``redis://...`` (see ``_engines``); it is connected to when the app starts.
     """
-    server = _Server(agent, model, db_path, policy, limits or Limits(), peers)
+    server = _Server(agent, model, db_path, policy, limits or Limits(), peers, store)
     thread = "/threads/{thread_id}"
     routes: list[Route | WebSocketRoute | Mount] = [
         Route("/agui", server.agui, methods=["POST"]),
@@ -299,6 +300,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await server.db.check()  # an engine it cannot reach fails the start, in one line
         warm = getattr(server.model, "warm", None)
         if warm is not None:  # the embedded model starts now, not on the first person's message
             await warm(server.agent)
@@ -348,8 +350,11 @@ def serve_main(args: argparse.Namespace) -> int:
         needs = "needs the names it is reached by: pass --allowed-host or set RTAGENT_ALLOWED_HOSTS"
         print(f"rtagent serve: listening on {host} {needs}", file=sys.stderr)
         return 2
+    db_path: str | None = getattr(args, "db", None)
     try:
-        db_path = _db_path(getattr(args, "db", None), getattr(args, "store", None))
+        store = _store_url(db_path, getattr(args, "store", None))
+        # Before uvicorn, which would report a failing start-up with a traceback.
+        asyncio.run(check_store(store))
     except RTAgentError as exc:
         print(f"rtagent serve: {describe(exc)}", file=sys.stderr)
         return 2
@@ -362,6 +367,7 @@ def serve_main(args: argparse.Namespace) -> int:
         "agent": getattr(args, "agent", None),
         "model": getattr(args, "model", None),
         "db_path": db_path,
+        "store": store,
         "token": token,
         "cors_origins": getattr(args, "cors_origin", None) or [],
         "allowed_hosts": allowed_hosts,
@@ -395,12 +401,13 @@ def serve_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _db_path(db: str | None, store: str | None) -> str | None:
-    """The SQLite file from ``--db`` or ``--store`` (else ``RTAGENT_STORE``); ``None``: the default."""
+def _store_url(db: str | None, store: str | None) -> str | None:
+    """The store URL of ``--store`` (else ``RTAGENT_STORE``, unless ``--db`` names a file)."""
     if db and store:
         raise RTAgentError("give --db or --store, not both")
-    url = store or os.environ.get("RTAGENT_STORE")
-    return db or (store_path(url) if url else None)
+    if db:
+        return None
+    return store or os.environ.get("RTAGENT_STORE") or None
 
 
 _WORKER_OPTIONS = "RTAGENT_SERVE_OPTIONS"
@@ -444,6 +451,7 @@ def _app(options: dict[str, Any]) -> Starlette:
         load_agent(options["agent"]),
         model=options["model"],
         db_path=options["db_path"],
+        store=options.get("store"),
         token=options["token"],
         cors_origins=options["cors_origins"],
         allowed_hosts=options["allowed_hosts"],
