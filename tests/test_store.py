@@ -251,6 +251,27 @@ async def test_the_app_keeps_a_turn_in_the_engine(engine_url: str) -> None:
         await again.aclose()
 
 
+@pytest.mark.parametrize(
+    ("login", "why"),
+    [("secret:wrong@", 'password authentication failed for user "secret"'), ("", 'database "nowhere"')],
+)
+async def test_a_postgresql_store_it_cannot_log_into_is_one_line(
+    postgres_url: str, login: str, why: str
+) -> None:
+    port = urlsplit(postgres_url).port
+    database = "rtagent" if login else "nowhere"
+    store = open_store(f"postgresql://{login or 'postgres@'}127.0.0.1:{port}/{database}")
+    try:
+        with pytest.raises(RTAgentError) as caught:
+            await store.check()
+    finally:
+        await store.aclose()
+    assert str(caught.value).startswith("cannot reach the store postgresql://")
+    assert why in str(caught.value)
+    assert "wrong" not in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
 def test_an_unknown_engine_is_one_line() -> None:
     with pytest.raises(RTAgentError) as caught:
         open_store("mysql://user:pw@h/db")

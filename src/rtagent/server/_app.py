@@ -350,7 +350,7 @@ def serve_main(args: argparse.Namespace) -> int:
         needs = "needs the names it is reached by: pass --allowed-host or set RTAGENT_ALLOWED_HOSTS"
         print(f"rtagent serve: listening on {host} {needs}", file=sys.stderr)
         return 2
-    db_path: str | None = getattr(args, "db", None)
+    db_path: str | None = getattr(args, "db", None) or None
     try:
         store = _store_url(db_path, getattr(args, "store", None))
         # Before uvicorn, which would report a failing start-up with a traceback.
