@@ -1,4 +1,4 @@
-"""Two ``rtagent serve`` replicas on one real Redis and one conversation store: a thread's turn
+"""Two ``rtagent serve`` replicas on one real Redis and one real PostgreSQL: a thread's turn
 runs on one replica, and a stop, a new message or a reconnecting client on the other reaches it;
 a replica killed mid-turn frees the thread within its lease, its streamed text kept.
 
@@ -18,6 +18,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
+import asyncpg  # type: ignore[import-untyped]
 import httpx
 import pytest
 import redis
@@ -37,9 +38,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start(db: Path, redis_url: str) -> tuple[subprocess.Popen[bytes], str]:
+def start(store: str, redis_url: str) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    command = [sys.executable, "-m", "rtagent", "serve", AGENT, "--port", str(port), "--db", str(db)]
+    command = [sys.executable, "-m", "rtagent", "serve", AGENT, "--port", str(port), "--store", store]
     options = ["--redis", redis_url, "--rate-limit", "0", "--lease", "1", "--disconnect-grace", "5"]
     process = subprocess.Popen([*command, *options], stdin=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -62,11 +63,22 @@ def stop(process: subprocess.Popen[bytes]) -> None:
             process.kill()
 
 
+async def _forget_every_thread(postgres_url: str) -> None:
+    connection = await asyncpg.connect(postgres_url)
+    try:
+        tables = await connection.fetch("SELECT tablename FROM pg_tables WHERE tablename LIKE 'agent_%'")
+        for row in tables:
+            await connection.execute(f'TRUNCATE "{row["tablename"]}" CASCADE')
+    finally:
+        await connection.close()
+
+
 @pytest.fixture
-def replicas(tmp_path: Path, redis_url: str) -> Iterator[tuple[str, str, subprocess.Popen[bytes]]]:
+def replicas(redis_url: str, postgres_url: str) -> Iterator[tuple[str, str, subprocess.Popen[bytes]]]:
     redis.Redis.from_url(redis_url).flushall()
-    a, url_a = start(tmp_path / "threads.db", redis_url)
-    b, url_b = start(tmp_path / "threads.db", redis_url)
+    asyncio.run(_forget_every_thread(postgres_url))
+    a, url_a = start(postgres_url, redis_url)
+    b, url_b = start(postgres_url, redis_url)
     try:
         yield url_a, url_b, a
     finally:

@@ -759,7 +759,10 @@ async def test_every_response_carries_the_security_headers(tmp_path: Path) -> No
 
 @pytest.mark.parametrize(
     ("flags", "words"),
-    [({"db": "a.db", "store": "sqlite:///b.db"}, "not both"), ({"store": "redis://h"}, "not available yet")],
+    [
+        ({"db": "a.db", "store": "sqlite:///b.db"}, "not both"),
+        ({"store": "mysql://h"}, "unknown store URL"),
+    ],
 )
 def test_serve_refuses_a_store_it_cannot_use_in_one_line(
     flags: dict[str, str], words: str, capsys: pytest.CaptureFixture[str]

@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--token", help="bearer token every API request must carry (default: $RTAGENT_TOKEN)")
     db = "SQLite file for conversations (default: threads.db in the user's data directory)"
     serve.add_argument("--db", metavar="PATH", help=db)
-    store = "where conversations live, as a URL: sqlite:///PATH (default: $RTAGENT_STORE)"
+    store = "conversations at sqlite:///PATH, postgresql://... or redis://... (default: $RTAGENT_STORE)"
     serve.add_argument("--store", metavar="URL", help=store)
     serve.add_argument("--cors-origin", action="append", metavar="ORIGIN", help="allow a browser origin")
     serve.add_argument(

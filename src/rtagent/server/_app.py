@@ -63,6 +63,7 @@ from .._loading import load_agent
 from .._models import ModelSpec, resolve_model
 from ._agui import AguiRun, dump, history_messages, log
 from ._bus import Bus, check_redis
+from ._engines import check_store, open_store
 from ._limits import (
     AccessLog,
     Guard,
@@ -80,7 +81,6 @@ from ._limits import (
 from ._redislog import RedisRunLog
 from ._runlog import Reader, RunLog, kind_of
 from ._security import SameSite
-from ._store import Store, default_path, store_path
 from ._transport import App, EventStream, Socket
 
 STATIC = Path(__file__).with_name("static")
@@ -99,13 +99,11 @@ class _Server:
         redis: str | None = None,
         disconnect_grace: float = 15.0,
         lease_s: float = 5.0,
+        store: str | None = None,
     ) -> None:
         self.agent = agent
         self.model = resolve_model(model, agent)  # a bad spec fails here, at start-up, in one line
-        path = Path(db_path) if db_path is not None else default_path()
-        if str(path) != ":memory:":
-            path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = Store(str(path))
+        self.db = open_store(store, db_path)  # SQLite, PostgreSQL or Redis (see ``_engines``)
         # With Redis, replicas share the threads: one turn per thread across them (see ``_bus``).
         self.bus = None if redis is None else Bus(redis, lease_s=lease_s, max_turns=limits.max_turns)
         self.policy: Policy = policy
@@ -270,7 +268,7 @@ class _Server:
             await self.log.aclose()
             await self.bus.aclose()
         self.metrics.close()
-        self.db.close()
+        await self.db.aclose()
 
     # -- HTTP endpoints -------------------------------------------------------------------------
 
@@ -363,6 +361,7 @@ def create_app(
     redis: str | None = None,
     disconnect_grace: float = 15.0,
     lease_s: float = 5.0,
+    store: str | None = None,
 ) -> Starlette:
     """The ASGI app serving ``agent`` (run it with uvicorn); see the module docstring for the API.
 
@@ -371,13 +370,17 @@ def create_app(
     ``token``: every API request must then carry ``Authorization: Bearer TOKEN``. ``cors_origins``:
     the browser origins allowed to call the API from other sites (none by default).
     ``allowed_hosts``: the names it answers to besides the loopback ones (see ``_security``).
-    ``redis``: the URL of the Redis that replicas serving the same conversations share (``serve --redis``, and
-    ``--workers``): leases, stops, the turn cap and the run log live there (see ``_bus``), and a
-    replica's lease expires ``lease_s`` after it stops renewing it.
+    ``redis``: the URL of the Redis that replicas serving the same conversations share (``serve
+    --redis``, and ``--workers``): leases, stops, the turn cap and the run log live there (see
+    ``_bus``), and a replica's lease expires ``lease_s`` after it stops renewing it.
     ``disconnect_grace``: how long a turn whose clients all went away keeps running for one to
     come back (0: it is interrupted at once).
+    ``store``: instead of ``db_path``, a URL: ``sqlite:///PATH``, ``postgresql://...`` or
+    ``redis://...`` (see ``_engines``); it is connected to when the app starts.
     """
-    server = _Server(agent, model, db_path, policy, limits or Limits(), redis, disconnect_grace, lease_s)
+    server = _Server(
+        agent, model, db_path, policy, limits or Limits(), redis, disconnect_grace, lease_s, store
+    )
     thread = "/threads/{thread_id}"
     routes: list[Route | WebSocketRoute | Mount] = [
         Route("/agui", server.agui, methods=["POST"]),
@@ -411,6 +414,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await server.db.check()  # an engine it cannot reach fails the start, in one line
         warm = getattr(server.model, "warm", None)
         if warm is not None:  # the embedded model starts now, not on the first person's message
             await warm(server.agent)
@@ -460,8 +464,11 @@ def serve_main(args: argparse.Namespace) -> int:
         needs = "needs the names it is reached by: pass --allowed-host or set RTAGENT_ALLOWED_HOSTS"
         print(f"rtagent serve: listening on {host} {needs}", file=sys.stderr)
         return 2
+    db_path: str | None = getattr(args, "db", None) or None
     try:
-        db_path = _db_path(getattr(args, "db", None), getattr(args, "store", None))
+        store = _store_url(db_path, getattr(args, "store", None))
+        # Before uvicorn, which would report a failing start-up with a traceback.
+        asyncio.run(check_store(store))
         grace = _seconds(getattr(args, "disconnect_grace", None), "RTAGENT_DISCONNECT_GRACE", 15.0)
         lease = _seconds(getattr(args, "lease", None), "RTAGENT_LEASE_S", 5.0)
         redis: str | None = getattr(args, "redis", None) or os.environ.get("RTAGENT_REDIS") or None
@@ -482,6 +489,7 @@ def serve_main(args: argparse.Namespace) -> int:
         "agent": getattr(args, "agent", None),
         "model": getattr(args, "model", None),
         "db_path": db_path,
+        "store": store,
         "token": token,
         "cors_origins": getattr(args, "cors_origin", None) or [],
         "allowed_hosts": allowed_hosts,
@@ -515,12 +523,13 @@ def serve_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _db_path(db: str | None, store: str | None) -> str | None:
-    """The SQLite file from ``--db`` or ``--store`` (else ``RTAGENT_STORE``); ``None``: the default."""
+def _store_url(db: str | None, store: str | None) -> str | None:
+    """The store URL of ``--store`` (else ``RTAGENT_STORE``, unless ``--db`` names a file)."""
     if db and store:
         raise RTAgentError("give --db or --store, not both")
-    url = store or os.environ.get("RTAGENT_STORE")
-    return db or (store_path(url) if url else None)
+    if db:
+        return None
+    return store or os.environ.get("RTAGENT_STORE") or None
 
 
 def _seconds(given: float | None, variable: str, default: float) -> float:
@@ -574,6 +583,7 @@ def _app(options: dict[str, Any]) -> Starlette:
         load_agent(options["agent"]),
         model=options["model"],
         db_path=options["db_path"],
+        store=options.get("store"),
         token=options["token"],
         cors_origins=options["cors_origins"],
         allowed_hosts=options["allowed_hosts"],

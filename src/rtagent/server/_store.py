@@ -50,9 +50,8 @@ def store_path(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if scheme == "sqlite" and sep and rest.startswith("/") and rest != "/":
         return rest[1:]
-    if scheme in ("postgresql", "postgres", "redis", "rediss"):
-        raise RTAgentError(f"store {scheme}:// is not available yet; use sqlite:///PATH")
-    raise RTAgentError(f"unknown store URL {url[:80]!r}: use sqlite:///PATH")
+    known = "use sqlite:///PATH, postgresql://... or redis://..."
+    raise RTAgentError(f"unknown store URL {url[:80]!r}: {known}")
 
 
 # How often the WAL is copied back into the database file (and both are fsynced).
@@ -83,6 +82,12 @@ class Store:
 
     def session(self, session_id: str) -> StoreSession:
         return StoreSession(session_id, self)
+
+    async def check(self) -> None:
+        """Nothing to do: the file was opened by the constructor (see ``_engines.open_store``)."""
+
+    async def aclose(self) -> None:
+        self.close()
 
     def close(self) -> None:
         self._stop.set()
