@@ -23,6 +23,7 @@ import httpx
 import pytest
 import redis
 from test_runlog import frames, text_of
+from test_server import run_node_test
 
 from rtagent.server._runlog import parse_id
 
@@ -183,6 +184,14 @@ async def test_a_replica_killed_mid_turn_frees_the_thread_within_its_lease_and_k
     assert cut["metadata"] == {"rtagent": {"interrupted": True}}
     assert cut["content"].startswith(streamed), (cut["content"], streamed)
     assert LONG.startswith(cut["content"])
+
+
+async def test_the_official_typescript_client_sees_a_message_to_b_interrupt_a(
+    replicas: tuple[str, str, subprocess.Popen[bytes]],
+) -> None:
+    url_a, url_b, _ = replicas
+    report = await run_node_test("replicas.test.mjs", {"RTAGENT_URL_A": url_a, "RTAGENT_URL_B": url_b})
+    assert "# pass 1" in report, report
 
 
 def test_workers_need_redis(capsys: pytest.CaptureFixture[str]) -> None:

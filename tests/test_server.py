@@ -866,7 +866,8 @@ def test_the_workers_end_when_serve_is_killed(tmp_path: Path, redis_url: str) ->
 NODE_DIR = Path(__file__).parent / "node"
 
 
-async def test_the_official_typescript_client_runs_turns(tmp_path: Path) -> None:
+async def run_node_test(file: str, env: dict[str, str]) -> str:
+    """Run ``tests/node/FILE`` with ``node --test``: its report; the test fails if the run does."""
     node, npm = shutil.which("node"), shutil.which("npm")
     if node is None or npm is None:
         pytest.skip("node is not installed: the @ag-ui/client test needs Node.js 18+ and npm")
@@ -877,15 +878,27 @@ async def test_the_official_typescript_client_runs_turns(tmp_path: Path) -> None
             subprocess.run, install, cwd=NODE_DIR, capture_output=True, text=True, timeout=300
         )
         assert installed.returncode == 0, installed.stdout + installed.stderr
+    process = await asyncio.create_subprocess_exec(
+        node,
+        "--test",
+        file,
+        cwd=NODE_DIR,
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    async with asyncio.timeout(60):
+        output, _ = await process.communicate()
+    report = output.decode()
+    assert process.returncode == 0, report
+    return report
+
+
+async def test_the_official_typescript_client_runs_turns(tmp_path: Path) -> None:
     agent = rtagent.load_agent(str(NODE_DIR / "scripted_agent.py"))
     app = create_app(agent, db_path=tmp_path / "threads.db", token=TOKEN)
     async with serving(app) as base:
-        env = {**os.environ, "RTAGENT_URL": f"http://{base}/agui", "RTAGENT_TOKEN": TOKEN}
-        process = await asyncio.create_subprocess_exec(
-            node, "--test", cwd=NODE_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        report = await run_node_test(
+            "agui.test.mjs", {"RTAGENT_URL": f"http://{base}/agui", "RTAGENT_TOKEN": TOKEN}
         )
-        async with asyncio.timeout(60):
-            output, _ = await process.communicate()
-    report = output.decode()
-    assert process.returncode == 0, report
     assert "# pass 3" in report, report
