@@ -56,7 +56,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import http.client
 import json
 import os
 import random
@@ -76,7 +75,7 @@ from typing import Any
 import httpx
 from agents.models.chatcmpl_converter import Converter
 from chaosmodel import call_id, message_problems, plan_message, words
-from ports import free_port
+from ports import free_port, healthy
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -454,15 +453,8 @@ def start_servers(workdir: Path, keepalive_s: float) -> Servers:
     with log.open("wb") as stderr:
         server = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr)
     servers = Servers(server, model, port, model_port, db, log)
-    deadline = time.monotonic() + 60
-    while server.poll() is None and time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            connection.request("GET", "/healthz")
-            if connection.getresponse().status == 200:
-                connection.close()
-                return servers
-        time.sleep(0.1)
+    if healthy(server, port):
+        return servers
     stop_servers(servers)
     raise RuntimeError(f"rtagent serve did not start within 60 s: see {log}")
 

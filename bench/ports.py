@@ -1,8 +1,12 @@
-"""A free loopback port, for the servers the benchmarks start."""
+"""A free loopback port, for the servers the benchmarks start, and waiting for one to answer."""
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import socket
+import subprocess
+import time
 
 
 def free_port() -> int:
@@ -10,3 +14,17 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def healthy(server: subprocess.Popen[bytes], port: int, timeout_s: float = 60.0) -> bool:
+    """Wait until ``server`` answers ``GET /healthz`` on ``port``; ``False`` if it exits or never does."""
+    deadline = time.monotonic() + timeout_s
+    while server.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            connection.request("GET", "/healthz")
+            if connection.getresponse().status == 200:
+                connection.close()
+                return True
+        time.sleep(0.1)
+    return False

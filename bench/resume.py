@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import http.client
 import json
 import math
 import os
@@ -44,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from ports import free_port
+from ports import free_port, healthy
 
 TARGET = {"p99_ms": 50, "gaps": 0, "duplicates": 0}
 COUNTS = ("duplicates", "gaps", "interrupted", "unfinished", "errors")
@@ -225,15 +223,8 @@ def start_server(workdir: Path, words: int, delay_s: float) -> tuple[subprocess.
     env.pop("RTAGENT_MODEL", None)
     with log.open("wb") as stderr:
         server = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr)
-    deadline = time.monotonic() + 60
-    while server.poll() is None and time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            connection.request("GET", "/healthz")
-            if connection.getresponse().status == 200:
-                connection.close()
-                return server, port, log
-        time.sleep(0.1)
+    if healthy(server, port):
+        return server, port, log
     stop_server(server)
     raise RuntimeError(f"rtagent serve did not start within 60 s:\n{log.read_text()[-2000:]}")
 

@@ -22,7 +22,7 @@ import asyncpg  # type: ignore[import-untyped]
 import httpx
 import pytest
 import redis
-from test_runlog import frames, text_of
+from test_runlog import frames, read_until_cut, text_of
 from test_server import run_node_test
 
 from rtagent.server._runlog import parse_id
@@ -94,19 +94,8 @@ def run_input(text: str, thread: str = "t1", run: str = "r1") -> dict[str, Any]:
 
 async def stream_some(url: str, body: dict[str, Any], count: int) -> list[tuple[str | None, dict[str, Any]]]:
     """The first ``count`` frames of a run; then the client goes away."""
-    seen: list[tuple[str | None, dict[str, Any]]] = []
-    buffer = ""
-    async with (
-        httpx.AsyncClient(base_url=url, timeout=30) as http,
-        http.stream("POST", "/agui", json=body) as r,
-    ):
-        async for chunk in r.aiter_text():
-            buffer += chunk
-            *blocks, buffer = buffer.split("\n\n")
-            seen += frames("\n\n".join(blocks))
-            if len(seen) >= count:
-                break
-    return seen
+    async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+        return await read_until_cut(http, count, body)
 
 
 async def test_a_client_of_a_reconnects_to_b_and_gets_the_rest_with_no_gap_or_duplicate(
@@ -217,3 +206,14 @@ def test_an_unreachable_redis_is_one_line(capsys: pytest.CaptureFixture[str]) ->
     assert err.startswith("rtagent serve: cannot use Redis at redis://***@127.0.0.1:")
     assert "hunter2" not in err
     assert err.strip().count("\n") == 0
+
+
+async def test_the_rate_limit_is_one_window_across_replicas(redis_url: str) -> None:
+    from rtagent.server._limits import RateLimiter
+
+    a, b = RateLimiter(1.0, 3, redis_url), RateLimiter(1.0, 3, redis_url)
+    client = f"client-{time.monotonic_ns()}"
+    waits = [await limiter.wait(client) for limiter in (a, b, a, b)]
+    assert waits[:3] == [0.0, 0.0, 0.0]
+    assert waits[3] > 0  # the fourth request in 3 s, wherever it lands
+    assert await a.wait("someone-else") == 0.0

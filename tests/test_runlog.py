@@ -31,11 +31,13 @@ def text_of(events: list[dict[str, Any]]) -> str:
     return "".join(e["delta"] for e in events if e["type"] == "TEXT_MESSAGE_CONTENT")
 
 
-async def read_until_cut(http: httpx.AsyncClient, events: int) -> list[tuple[str | None, dict[str, Any]]]:
+async def read_until_cut(
+    http: httpx.AsyncClient, events: int, body: dict[str, Any] | None = None
+) -> list[tuple[str | None, dict[str, Any]]]:
     """A run's first ``events`` frames over ``POST /agui``; then the connection is dropped."""
     seen: list[tuple[str | None, dict[str, Any]]] = []
     buffer = ""
-    async with http.stream("POST", "/agui", json=run_input()) as response:
+    async with http.stream("POST", "/agui", json=body or run_input()) as response:
         async for chunk in response.aiter_text():
             buffer += chunk
             *blocks, buffer = buffer.split("\n\n")

@@ -112,7 +112,8 @@ class _Server:
         self.log = (
             RunLog(grace_s=disconnect_grace) if self.bus is None else self._shared_log(disconnect_grace)
         )
-        self.limiter = RateLimiter(limits.rate_per_s, limits.burst) if limits.rate_per_s > 0 else None
+        rate, burst = limits.rate_per_s, limits.burst
+        self.limiter = RateLimiter(rate, burst, redis) if rate > 0 else None
         self._chats: OrderedDict[str, Chat] = OrderedDict()
         self._active = 0
         self._running: dict[str, int] = {}  # thread -> its turns here, running or waiting to

@@ -12,6 +12,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -21,6 +22,9 @@ from typing import Any, Literal
 from urllib.parse import parse_qs
 
 from ag_ui.core import RunAgentInput, TextPart, UserMessage
+from limits import RateLimitItemPerSecond
+from limits.aio.strategies import MovingWindowRateLimiter
+from limits.storage import storage_from_string
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
@@ -227,32 +231,24 @@ def is_loopback(host: str) -> bool:
 
 
 class RateLimiter:
-    """A token bucket per client: ``burst`` requests at once, then ``rate`` per second."""
+    """Per client: ``burst`` requests at once, then ``rate`` a second on average.
 
-    MAX_CLIENTS = 50_000
+    ``limits``' moving window of ``burst`` requests per ``burst / rate`` seconds, counted in this
+    process, or with ``redis`` (a URL) in Redis, where every replica counts against the same window.
+    """
 
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate = rate
-        self.burst = float(burst)
-        self._buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, when)
+    def __init__(self, rate: float, burst: int, redis: str | None = None) -> None:
+        self.item = RateLimitItemPerSecond(burst, max(1, math.ceil(burst / rate)), namespace="rtagent")
+        storage = "async+memory://" if redis is None else "async+" + redis
+        options = {} if redis is None else {"implementation": "redispy"}
+        self.limiter = MovingWindowRateLimiter(storage_from_string(storage, **options))
 
-    def wait(self, client: str) -> float:
+    async def wait(self, client: str) -> float:
         """0 if the client may go now (and counts it), else the seconds until it may."""
-        now = time.monotonic()
-        tokens, when = self._buckets.get(client, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - when) * self.rate)
-        if tokens < 1.0:
-            self._buckets[client] = (tokens, now)
-            return (1.0 - tokens) / self.rate
-        self._buckets[client] = (tokens - 1.0, now)
-        if len(self._buckets) > self.MAX_CLIENTS:
-            self._forget_idle(now)
-        return 0.0
-
-    def _forget_idle(self, now: float) -> None:
-        # A client whose bucket has refilled is indistinguishable from a new one: forgetting it is free.
-        full = self.burst / self.rate
-        self._buckets = {c: (t, w) for c, (t, w) in self._buckets.items() if now - w < full}
+        if await self.limiter.hit(self.item, client):
+            return 0.0
+        stats = await self.limiter.get_window_stats(self.item, client)
+        return max(0.1, stats.reset_time - time.time())
 
 
 def client_of(scope: Scope) -> str:
@@ -287,7 +283,7 @@ class Guard:
             await deny(scope, receive, send, response)
             return
         if self.limiter is not None:
-            wait = self.limiter.wait(client_of(scope))
+            wait = await self.limiter.wait(client_of(scope))
             if wait > 0:
                 message = f"too many requests from this client; try again in {wait:.1f} s"
                 response = error(429, "rate_limited", message, {"Retry-After": str(max(1, round(wait)))})

@@ -220,7 +220,7 @@ class Socket:
         if not isinstance(run_id, str) or len(run_id) > 128:
             raise InputError('"runId" must be a string of at most 128 characters')
         limiter = self.server.limiter
-        wait = limiter.wait(client_of(self.ws.scope)) if limiter is not None else 0.0
+        wait = await limiter.wait(client_of(self.ws.scope)) if limiter is not None else 0.0
         if wait > 0:
             raise InputError(f"too many messages; try again in {wait:.1f} s", 429, "rate_limited")
         new = check_text(command["text"], limits.max_message_chars)
