@@ -23,9 +23,11 @@ import httpx
 import pytest
 import redis
 from test_runlog import frames, read_until_cut, text_of
-from test_server import run_node_test
+from test_server import WORDS, make_app, run_node_test, serving, until
+from test_server import run_input as server_run_input
 
 from rtagent.server._runlog import parse_id
+from rtagent.testing import reply
 
 AGENT = str(Path(__file__).parent / "agents" / "scripted.py")
 LONG = " ".join(f"word{n}" for n in range(200))
@@ -217,3 +219,43 @@ async def test_the_rate_limit_is_one_window_across_replicas(redis_url: str) -> N
     assert waits[:3] == [0.0, 0.0, 0.0]
     assert waits[3] > 0  # the fourth request in 3 s, wherever it lands
     assert await a.wait("someone-else") == 0.0
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """A redis-server of this test's own, which it may kill."""
+    port = free_port()
+    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL, cwd=tmp_path)
+    try:
+        for _ in range(100):
+            with suppress(redis.ConnectionError):
+                if redis.Redis(port=port).ping():
+                    break
+            time.sleep(0.05)
+        yield server, port
+    finally:
+        server.kill()
+        server.wait()
+
+
+async def test_redis_going_away_mid_turn_keeps_the_turn_and_new_turns_get_a_503(
+    tmp_path: Path, own_redis: tuple[subprocess.Popen[bytes], int]
+) -> None:
+    server, port = own_redis
+    app, model = make_app(tmp_path, [reply(WORDS, delay=0.005)], redis=f"redis://127.0.0.1:{port}/0")
+    async with serving(app) as base, httpx.AsyncClient(base_url=f"http://{base}", timeout=30) as http:
+        posting = asyncio.create_task(http.post("/agui", json=server_run_input()))
+        await until(lambda: model.deltas_emitted >= 20)
+        server.kill()
+        await asyncio.to_thread(server.wait)
+        events = [e for _, e in frames((await posting).text)]
+        refused = await http.post("/agui", json=server_run_input(run="r2"))
+        history = (await http.get("/threads/t1/messages")).json()["messages"]
+    assert text_of(events) == "".join(WORDS)  # the turn went on, and was not cut
+    assert events[-1]["type"] == "RUN_FINISHED"
+    assert events[-1]["result"]["interrupted"] is False
+    assert refused.status_code == 503
+    assert refused.json()["error"] == "unavailable"
+    assert history[-1]["role"] == "assistant"
+    assert history[-1]["content"].strip() == "".join(WORDS).strip()

@@ -65,6 +65,7 @@ from ._agui import AguiRun, dump, history_messages, log
 from ._bus import Bus, check_redis
 from ._engines import check_store, open_store
 from ._limits import (
+    UNAVAILABLE,
     AccessLog,
     Guard,
     InputError,
@@ -434,7 +435,7 @@ def create_app(
         middleware=middleware,
         lifespan=lifespan,
         exception_handlers=dict.fromkeys(
-            (InputError, HTTPException, ClientDisconnect, Exception), error_json
+            (InputError, HTTPException, ClientDisconnect, *UNAVAILABLE, Exception), error_json
         ),
     )
     app.state.server = server

@@ -28,6 +28,8 @@ from limits.storage import storage_from_string
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
+from redis.exceptions import RedisError
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -208,6 +210,10 @@ def _too_large(size: int, limit: int) -> str:
     return f"the body is {'over ' if size > limit else ''}{size} bytes; the limit is {limit}"
 
 
+# What a store or Redis that went away raises: the request may succeed again shortly (503).
+UNAVAILABLE: tuple[type[Exception], ...] = (RedisError, SQLAlchemyError, OSError)
+
+
 async def error_json(request: Request, exc: Exception) -> Response:
     """Every failure as ``{"error", "message"}`` JSON: a client mistake is a 4xx that names it."""
     if isinstance(exc, InputError):
@@ -217,6 +223,10 @@ async def error_json(request: Request, exc: Exception) -> Response:
         return error(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
     if isinstance(exc, ClientDisconnect):
         return error(400, "client_disconnected", "the client went away before sending its whole request")
+    if isinstance(exc, UNAVAILABLE):
+        log.warning("%s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+        message = "the server cannot reach its store or Redis just now; try again shortly"
+        return error(503, "unavailable", message, {"Retry-After": "1"})
     log.exception("unexpected error serving %s %s", request.method, request.url.path, exc_info=exc)
     return error(500, "internal_error", "the server failed on this request; its log has the details")
 
@@ -245,7 +255,11 @@ class RateLimiter:
 
     async def wait(self, client: str) -> float:
         """0 if the client may go now (and counts it), else the seconds until it may."""
-        if await self.limiter.hit(self.item, client):
+        try:
+            if await self.limiter.hit(self.item, client):
+                return 0.0
+        except UNAVAILABLE as exc:  # no count to go by: serving beats refusing everyone
+            log.warning("the rate limit cannot be checked: %s", exc)
             return 0.0
         stats = await self.limiter.get_window_stats(self.item, client)
         return max(0.1, stats.reset_time - time.time())

@@ -110,8 +110,9 @@ class RedisRunLog(RunLog):
                 await self._write(pending, meta)
             except (RedisError, OSError) as exc:
                 log.warning("cannot write the run log to Redis (%s); retrying", exc)
-                for thread_id, args in pending.items():  # back in front, in order
-                    self._pending[thread_id] = args + self._pending.get(thread_id, [])
+                for thread_id, args in pending.items():  # back in front, in order, within bounds
+                    kept = args + self._pending.get(thread_id, [])
+                    self._pending[thread_id] = kept[-3 * self.size :]
                 for thread_id, fields in meta.items():
                     self._meta[thread_id] = {**fields, **self._meta.get(thread_id, {})}
                 self._wake.set()
