@@ -40,7 +40,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -116,9 +116,13 @@ class _Server:
         rate, burst = limits.rate_per_s, limits.burst
         self.limiter = RateLimiter(rate, burst, redis) if rate > 0 else None
         self._chats: OrderedDict[str, Chat] = OrderedDict()
-        self._active = 0
         self._running: dict[str, int] = {}  # thread -> its turns here, running or waiting to
         self._members: dict[str, list[str]] = {}  # thread -> its turns' places in the shared cap
+
+    @property
+    def _active(self) -> int:
+        """The turns of this process, running or waiting for the one before them."""
+        return sum(self._running.values())
 
     def _shared_log(self, grace_s: float) -> RedisRunLog:
         assert self.bus is not None
@@ -176,7 +180,6 @@ class _Server:
                 await self._leave(thread_id)
                 raise
         self._running[thread_id] = self._running.get(thread_id, 0) + 1
-        self._active += 1
         self.metrics.turns.inc()
         run = AguiRun(thread_id, run_id, chat, chat.send(text), observe=self.metrics.observe)
         return self.log.produce(run, text, functools.partial(self.turn_ended, thread_id))
@@ -222,7 +225,6 @@ class _Server:
                 await self.bus.release(thread_id)
 
     async def turn_ended(self, thread_id: str) -> None:
-        self._active -= 1
         self.metrics.turns.dec()
         self._running[thread_id] -= 1
         if self._running[thread_id] == 0:
@@ -344,7 +346,7 @@ def _idle(chat: Chat) -> bool:
     return chat.turn is None or chat.turn.done
 
 
-async def _unlogged(run: AguiRun) -> AsyncIterator[tuple[str, str, int]]:
+async def _unlogged(run: AguiRun) -> AsyncGenerator[tuple[str, str, int], None]:
     """A run without a turn (the history, for a client reloading): not logged, no ids."""
     async for event in run.events():
         yield "", event.model_dump_json(by_alias=True), kind_of(event)

@@ -78,7 +78,16 @@ def check_redis(url: str) -> None:
         with client:
             client.ping()
     except (RedisError, OSError, ValueError) as exc:
-        raise RTAgentError(f"cannot use Redis at {describe_url(url)}: {exc}") from None
+        raise unusable(url, exc) from None
+
+
+def unusable(url: str, exc: Exception) -> RTAgentError:
+    return RTAgentError(f"cannot use Redis at {describe_url(url)}: {exc}")
+
+
+def replica_of(holder: str) -> str:
+    """The replica id in a lease's value (``FENCE:REPLICA``)."""
+    return holder.partition(":")[2]
 
 
 class Bus:
@@ -107,7 +116,7 @@ class Bus:
         try:
             await self.redis.ping()
         except (RedisError, OSError) as exc:
-            raise RTAgentError(f"cannot use Redis at {describe_url(self.url)}: {exc}") from None
+            raise unusable(self.url, exc) from None
 
     async def start(self, handler: Handler, on_lost: Callable[[str], object]) -> None:
         """Answer the other replicas with ``handler``; ``on_lost(thread)``: a lease was lost."""
@@ -160,11 +169,6 @@ class Bus:
         if token is not None:
             await self._release(keys=[f"{PREFIX}lease:{thread_id}"], args=[token])
 
-    async def holds(self, thread_id: str) -> bool:
-        """Whether this replica still holds the lease (checked in Redis, not only here)."""
-        token = self.held.get(thread_id)
-        return token is not None and await self.redis.get(f"{PREFIX}lease:{thread_id}") == token
-
     async def holder(self, thread_id: str) -> str | None:
         holder: str | None = await self.redis.get(f"{PREFIX}lease:{thread_id}")
         return holder
@@ -194,14 +198,13 @@ class Bus:
 
     async def send(self, holder: str, operation: str, thread_id: str) -> bool:
         """Tell the replica of lease value ``holder``; whether it listens."""
-        replica = holder.partition(":")[2]
         message = json.dumps({"op": operation, "thread": thread_id})
-        return bool(await self.redis.publish(f"{PREFIX}replica:{replica}", message))
+        return bool(await self.redis.publish(f"{PREFIX}replica:{replica_of(holder)}", message))
 
     async def tell_holder(self, thread_id: str, operation: str) -> bool:
         """Send ``operation`` to whichever other replica holds the thread's lease; whether one does."""
         holder = await self.holder(thread_id)
-        if holder is None or holder.partition(":")[2] == self.replica:
+        if holder is None or replica_of(holder) == self.replica:
             return False
         return await self.send(holder, operation, thread_id)
 

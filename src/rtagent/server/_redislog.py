@@ -22,7 +22,7 @@ from redis.exceptions import RedisError
 
 from ._agui import log
 from ._bus import PREFIX, Bus
-from ._runlog import END, START, Entry, Reader, RunLog, parse_id
+from ._runlog import END, START, Entry, Reader, RunLog, interrupt, parse_id
 
 APPEND = """
 if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
@@ -79,6 +79,7 @@ class RedisRunLog(RunLog):
     # -- writing ----------------------------------------------------------------------------------
 
     async def last_id(self, thread_id: str) -> str | None:
+        # Redis's, not this process's ring: other replicas may have run the thread since.
         found = await self.redis.xrevrange(f"{PREFIX}log:{thread_id}", count=1)
         return str(found[0][0]) if found else None
 
@@ -125,21 +126,24 @@ class RedisRunLog(RunLog):
         threads = list(pending.keys() | meta.keys())
         async with self.redis.pipeline(transaction=False) as pipe:
             for thread_id in threads:
-                args = [
-                    self.bus.held.get(thread_id, ""),
-                    self.size,
-                    self.ttl_ms,
-                    json.dumps(meta[thread_id]) if thread_id in meta else "",
-                    *pending.get(thread_id, ()),
-                ]
+                args = self._args(thread_id, meta.get(thread_id), pending.get(thread_id, []))
                 await self._append(keys=self._keys(thread_id), args=args, client=pipe)
-            results = await pipe.execute()
+            # A batch Redis refuses would be refused again: only a lost connection is retried
+            # (execute raises), and the other threads' batches, written, are not written twice.
+            results = await pipe.execute(raise_on_error=False)
         for thread_id, written in zip(threads, results, strict=True):
-            if not written:  # fenced off: another replica holds the thread now
+            if isinstance(written, RedisError):
+                log.error("Redis refused the run log of thread %s: %s", thread_id, written)
+            elif not written:  # fenced off: another replica holds the thread now
                 log.warning("thread %s is another replica's now; this one's run is not logged", thread_id)
                 ring = self._rings.get(thread_id)
-                if ring is not None and ring.run is not None:
-                    ring.run.interrupt()
+                if ring is not None:
+                    interrupt(ring)
+
+    def _args(self, thread_id: str, meta: dict[str, str] | None, entries: list[str]) -> list[str | int]:
+        """The append script's arguments: the fencing token, the bounds, the run's fields, entries."""
+        token = self.bus.held.get(thread_id, "")
+        return [token, self.size, self.ttl_ms, json.dumps(meta) if meta else "", *entries]
 
     def _keys(self, thread_id: str) -> list[str]:
         return [f"{PREFIX}lease:{thread_id}", f"{PREFIX}log:{thread_id}", f"{PREFIX}run:{thread_id}"]
@@ -176,10 +180,8 @@ class RedisRunLog(RunLog):
         return DeadRun(meta.get("run", ""), meta.get("user", ""), "".join(text), entries)
 
     async def close_dead(self, thread_id: str, dead: DeadRun) -> None:
-        args: list[Any] = [self.bus.held.get(thread_id, ""), self.size, self.ttl_ms]
-        args.append(json.dumps({"state": "ended"}))
-        for event_id, data, kind in dead.closing:
-            args += [event_id, data, kind]
+        entries = [str(field) for entry in dead.closing for field in entry]
+        args = self._args(thread_id, {"state": "ended"}, entries)
         await self._append(keys=self._keys(thread_id), args=args)
 
     # -- reading ----------------------------------------------------------------------------------
@@ -187,8 +189,12 @@ class RedisRunLog(RunLog):
     async def read(self, thread_id: str, after: str | None) -> Reader | None:
         ring = self._rings.get(thread_id)
         # This process produces the thread's run: its ring has it all, even what is not written yet.
-        mine = ring is not None and ring.running and ring.entries
-        if mine and (after is None or parse_id(after) >= parse_id(ring.entries[0][0])):  # type: ignore[union-attr]
+        if (
+            ring is not None
+            and ring.running
+            and ring.entries
+            and (after is None or parse_id(after) >= parse_id(ring.entries[0][0]))
+        ):
             return await super().read(thread_id, after)
         key = f"{PREFIX}log:{thread_id}"
         if after is None:

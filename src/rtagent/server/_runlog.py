@@ -22,7 +22,7 @@ import contextlib
 import re
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 
 from ag_ui.core import RunErrorEvent, RunFinishedEvent, RunStartedEvent
 
@@ -148,7 +148,7 @@ class RunLog:
             ring.run = run
             if ring.readers == 0:  # its client went away while it waited for the run before it
                 self.detached(ring)
-            last = ring.entries[-1][0] if ring.entries else await self.last_id(thread_id)
+            last = await self.last_id(thread_id)
             ms = max(int(time.time() * 1000), parse_id(last)[0] + 1 if last else 0)
             async for event in run.events():
                 add(event.model_dump_json(by_alias=True), kind_of(event))
@@ -180,8 +180,9 @@ class RunLog:
     # What a shared log adds (``_redislog``); in one process there is nothing more to do.
 
     async def last_id(self, thread_id: str) -> str | None:
-        """The thread's latest id outside this process's ring."""
-        return None
+        """The thread's latest id, which the next run's ids must follow."""
+        ring = self._rings.get(thread_id)
+        return ring.entries[-1][0] if ring is not None and ring.entries else None
 
     def publish(self, thread_id: str, entry: Entry, user: str | None, run_id: str) -> None:
         """Share ``entry`` (``user``: the message the run answers, with its first entry)."""
@@ -195,21 +196,22 @@ class RunLog:
 
     # -- reading ------------------------------------------------------------------------------------
 
-    def _reader(self, ring: Ring, entries: AsyncIterator[Entry]) -> Reader:
+    def _reader(self, ring: Ring, entries: AsyncGenerator[Entry, None]) -> Reader:
         self._attach(ring)
         return Reader(entries, lambda: self._detach(ring))
 
-    async def _follow_run(self, ring: Ring, mine: list[Entry], done: asyncio.Event) -> AsyncIterator[Entry]:
+    async def _follow_run(
+        self, ring: Ring, mine: list[Entry], done: asyncio.Event
+    ) -> AsyncGenerator[Entry, None]:
         """The entries of one run, live, until its last."""
         position = 0
         while True:
             while position < len(mine):
                 position += 1
                 yield mine[position - 1]
-            if done.is_set() and position == len(mine):
+            if done.is_set():  # set only after the run's last entry, which the loop above sent
                 return
-            if not done.is_set():
-                await ring.changed.wait()
+            await ring.changed.wait()
 
     async def read(self, thread_id: str, after: str | None) -> Reader | None:
         """The thread's entries after ``after``, then the live rest until no run is left; ``None``
@@ -225,7 +227,7 @@ class RunLog:
             return None
         return self._reader(ring, self._follow(ring, position))
 
-    async def _follow(self, ring: Ring, position: int) -> AsyncIterator[Entry]:
+    async def _follow(self, ring: Ring, position: int) -> AsyncGenerator[Entry, None]:
         last = ring.entries[position - 1][0] if position > 0 else None
         while True:
             entries = ring.entries
@@ -261,7 +263,7 @@ class RunLog:
         if ring.grace is not None:
             ring.grace.cancel()
         if self.grace_s <= 0:
-            _interrupt(ring)
+            interrupt(ring)
             return
 
         def check() -> None:
@@ -278,7 +280,7 @@ class RunLog:
             log.warning("cannot tell whether thread %s is followed elsewhere", thread_id)
             return
         if not watched and ring.readers == 0:
-            _interrupt(ring)
+            interrupt(ring)
 
     def detached_elsewhere(self, thread_id: str) -> None:
         """The last follower of the thread in another process went away."""
@@ -293,7 +295,9 @@ class Reader:
 
     __slots__ = ("_entries", "_on_close")
 
-    def __init__(self, entries: AsyncIterator[Entry], on_close: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, entries: AsyncGenerator[Entry, None], on_close: Callable[[], None] | None = None
+    ) -> None:
         self._entries = entries
         self._on_close = on_close
 
@@ -303,13 +307,13 @@ class Reader:
     async def aclose(self) -> None:
         on_close, self._on_close = self._on_close, None
         try:
-            await self._entries.aclose()  # type: ignore[attr-defined]
+            await self._entries.aclose()
         finally:
             if on_close is not None:
                 on_close()
 
 
-def _interrupt(ring: Ring) -> None:
+def interrupt(ring: Ring) -> None:
     if ring.run is not None:
         ring.run.interrupt()
 
