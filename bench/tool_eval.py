@@ -40,7 +40,8 @@ from eval_agents import AGENTS
 from eval_runner import CAP, Reply, evaluate, load_rows, reply_to
 
 from rtagent._local import CLIENT_HEADERS, LocalServer, default_model_path, shared_server
-from rtagent._models import LOCAL_SETTINGS, ServedModel, parse_spec
+from rtagent._models import LOCAL_SETTINGS, parse_spec
+from rtagent._served import ServedModel
 
 
 def _ms(values: list[float]) -> dict[str, float]:

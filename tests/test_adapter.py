@@ -38,7 +38,8 @@ import rtagent
 from rtagent import _adapter
 from rtagent._adapter import AdaptedModel, Template
 from rtagent._local import default_model_path, shared_server
-from rtagent._models import LOCAL_SETTINGS, ServedModel
+from rtagent._models import LOCAL_SETTINGS
+from rtagent._served import ServedModel
 from rtagent._toolprompt import prefix, tool_specs
 from rtagent.demo import agent as demo_agent
 

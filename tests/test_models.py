@@ -15,7 +15,8 @@ from agents.run_config import CallModelData, ModelInputData
 import rtagent
 from rtagent import ModelError, TextDelta, TurnFinished
 from rtagent._local import DecodeWatch, LocalServer, default_model_path, shared_server
-from rtagent._models import ServedModel, _prompt_of, parse_spec, pooled_client, resolve_model
+from rtagent._models import parse_spec, resolve_model
+from rtagent._served import ServedModel, _prompt_of, pooled_client
 from rtagent.testing import ScriptedModel
 
 

@@ -31,8 +31,9 @@ if TYPE_CHECKING:
         TurnFinished,
     )
     from ._loading import load_agent
-    from ._models import ModelSpec, ServedModel, parse_spec
+    from ._models import ModelSpec, parse_spec
     from ._result import ToolTiming, TurnMetrics, TurnResult
+    from ._served import ServedModel
     from ._tools import background, progress
     from ._turn import Turn, TurnError, TurnOptions, run, run_sync, stream
     from .server import create_app
@@ -57,7 +58,7 @@ _EXPORTS = {
     "TurnFailed": "_events",
     "load_agent": "_loading",
     "ModelSpec": "_models",
-    "ServedModel": "_models",
+    "ServedModel": "_served",
     "parse_spec": "_models",
     "ToolTiming": "_result",
     "TurnMetrics": "_result",

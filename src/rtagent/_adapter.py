@@ -60,9 +60,9 @@ from openai.types.responses import ResponseCompletedEvent
 from openai.types.responses.response_prompt_param import ResponsePromptParam
 
 from ._local import CLIENT_HEADERS
-from ._models import ServedModel, body_fields, instructions_of, pooled_client
 from ._replyevents import ReplyEvents
 from ._replystream import Call, Chunks, call_events, content, first_content, read_calls, relay_text
+from ._served import ServedModel, body_fields, instructions_of, pooled_client
 from ._toolprompt import (
     CALL_START,
     MAX_CALLS,

@@ -404,7 +404,7 @@ async def _load(reference: str | None, spec: str | None) -> _Loaded:
     from agents import SQLiteSession
 
     from ._chat import Chat
-    from ._models import ServedModel
+    from ._served import ServedModel
 
     if isinstance(model, ServedModel):
         await model.warm(agent)

@@ -180,7 +180,8 @@ async def evaluate(
 
 async def _main(split: str, plain: bool, verbose: bool) -> dict[str, Any]:
     from rtagent._local import CLIENT_HEADERS, default_model_path, shared_server
-    from rtagent._models import LOCAL_SETTINGS, ServedModel, parse_spec
+    from rtagent._models import LOCAL_SETTINGS, parse_spec
+    from rtagent._served import ServedModel
 
     path = default_model_path()
     # Without the adapter: the plain path, with the headers rtagent's local server asks for.
