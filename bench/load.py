@@ -1,16 +1,19 @@
 """How many concurrent SSE sessions an rtagent server streams on time, against the SDK's own pattern.
 
-Two servers run side by side, each its own uvicorn process on loopback and a free port (rtagent
-with one worker process per core, as ``rtagent serve --workers N`` runs; the baseline with one, as
-the SDK documentation runs it; ``--workers`` sets either, e.g. ``rtagent=1`` to compare one
-process with one), both streaming from the same model (``bench/load_servers.py``): a session's
+Servers run side by side, each its own uvicorn process (or ``@W`` worker processes on one port, as
+``rtagent serve --workers W`` runs them) on loopback and a free port, all streaming from the same
+model (``bench/load_servers.py``). ``--servers`` names them ``KIND[@W][+redis]``; the default,
+``rtagent@1,rtagent@1+redis,baseline@1,rtagent@2+redis,baseline@2``, compares at equal process
+counts, and rtagent's run log in memory with the one on a real redis-server (started here, on
+loopback; rtagent's workers need it). A session's
 reply is K text deltas ``--interval`` seconds apart (50 ms: 20 tokens/s), each event built as it
 is sent, like a real model client (``--model scripted``: the project's test double
 ``rtagent.testing.ScriptedModel``).
 
 - ``rtagent``: ``rtagent.create_app`` (``POST /agui``, a ``RunAgentInput``, AG-UI events as SSE),
   as shipped (history in an SQLite file), per-client rate limit off (``Limits(rate_per_s=0)``),
-  turn cap far above N;
+  turn cap far above N; ``+redis``: with ``redis=`` (``rtagent serve --redis``: leases, the turn
+  cap and the run log on Redis);
 - ``baseline``: the SDK documentation's streaming loop behind the usual tutorial endpoint:
   Starlette ``StreamingResponse`` (the class FastAPI uses) + ``Runner.run_streamed`` +
   ``stream_events()`` filtered on ``raw_response_event`` / ``ResponseTextDeltaEvent``, one
@@ -46,8 +49,12 @@ per delta: the figure the machine's other load moves least), its garbage collect
 generation (from ``GET /load/gc``, answered by a wrapper in ``load_servers.py``), its RSS, and
 the clients' own event-loop lag (a 5 ms sleep timed in a loop: a client too busy to read its
 sockets would pass its lateness for the server's; its p99 should stay small next to 50 ms). The
-result per server is ``max_n_p99_under_50ms`` and ``ratio_rtagent_over_baseline``. The machine is
-shared (2 cores): hence both servers in one run, interleaved, and a ratio; ``load_avg_1m`` is noted.
+result per server is ``max_n_p99_under_50ms``; ``comparisons`` pairs each rtagent server with the
+baseline of as many processes, and each on Redis with the in-memory one of as many processes: the
+ratio of their limits, and of their CPU per token at the largest N both passed. A step on Redis
+also reports ``redis_cpu_us_per_token``, redis-server's own CPU (only one server runs at a time).
+The machine is shared (2 cores): hence every server in one run, interleaved, and ratios;
+``load_avg_1m`` is noted.
 Machines differ too (a VM's host changes from day to day): ``method.cpu_probe_ms``, one core's time
 for a fixed piece of pure-Python work taken before the servers start, tells runs on a faster or
 slower machine apart (164-167 ms on 2026-12-02, a machine on which every server's CPU per token
@@ -62,10 +69,11 @@ full`` (``PRAGMA synchronous=FULL``, the SDK's own setting: every commit waits f
 File descriptors: the soft ``RLIMIT_NOFILE`` is raised to the hard limit in this process and in
 the clients (check ``ulimit -Hn``: each session holds a descriptor in a client and in a server).
 
-Run: ``.venv/bin/python bench/load.py`` (about 11 minutes; ``--quick`` for a smoke run of about
-30 s; ``--help`` for the options). Prints JSON to stdout, one line per step to stderr. Profiling:
-``--profile-server rtagent --py-spy PATH/TO/py-spy`` samples that server with py-spy during each of
-its measured steps (raw collapsed stacks in ``--profile-out``-rtagent-N.txt; py-spy installs from
+Run: ``.venv/bin/python bench/load.py`` (about 30 minutes with the five default servers; ``--quick``
+for a smoke run of about 100 s; ``--help`` for the options). Prints JSON to stdout, one line per
+step to stderr. Profiling: ``--profile-server rtagent@1 --py-spy PATH/TO/py-spy`` samples that
+server with py-spy during each of its measured steps (raw collapsed stacks in
+``--profile-out``-rtagent1-N.txt; py-spy installs from
 PyPI into any scratch venv); without ``--py-spy`` that server runs under cProfile and writes
 ``--profile-out`` when it stops.
 """
@@ -78,6 +86,7 @@ import http.client
 import json
 import math
 import os
+import re
 import resource
 import socket
 import subprocess
@@ -94,8 +103,10 @@ from ports import free_port
 HERE = Path(__file__).resolve().parent
 DEFAULT_NS = (100, 250, 500, 750, 1000, 1250, 1500, 2000, 2500, 3000, 4000)
 QUICK_NS = (20, 50, 100)
-SERVERS = ("rtagent", "baseline")
-WORKERS = {"rtagent": os.cpu_count() or 1, "baseline": 1}
+KINDS = ("rtagent", "baseline")
+# At equal process counts: one process each, rtagent's run log in memory and on Redis; two each,
+# rtagent's on Redis (its replicas need it).
+SERVERS = ("rtagent@1", "rtagent@1+redis", "baseline@1", "rtagent@2+redis", "baseline@2")
 # What each server's stream looks like to a client: the path, the text-event marker, the end marker.
 WIRE = {
     "rtagent": ("/agui", '"type":"TEXT_MESSAGE_CONTENT"', '"type":"RUN_FINISHED"'),
@@ -165,35 +176,69 @@ def _rss_mib(pid: int) -> float:
     return round(total / 1024, 1)
 
 
+@dataclass(frozen=True)
+class Spec:
+    """A server to measure: ``KIND[@WORKERS][+redis]``, e.g. ``rtagent@2+redis``."""
+
+    kind: str
+    workers: int
+    redis: bool
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}@{self.workers}{'+redis' if self.redis else ''}"
+
+    @property
+    def slug(self) -> str:
+        """The name as a thread id and file name may spell it."""
+        return f"{self.kind}{self.workers}{'-redis' if self.redis else ''}"
+
+
+def parse_spec(text: str) -> Spec:
+    match = re.fullmatch(r"(\w+)(?:@(\d+))?(\+redis)?", text.strip())
+    if match is None or match[1] not in KINDS:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KIND[@WORKERS][+redis], KIND one of {KINDS}")
+    spec = Spec(match[1], int(match[2] or 1), match[3] is not None)
+    if spec.kind == "baseline" and spec.redis:
+        raise argparse.ArgumentTypeError(f"{text!r}: the baseline keeps nothing, on Redis or elsewhere")
+    if spec.kind == "rtagent" and spec.workers > 1 and not spec.redis:
+        raise argparse.ArgumentTypeError(f"{text!r}: rtagent's workers share a thread's turns on Redis")
+    return spec
+
+
 @dataclass
 class Server:
-    name: str
+    spec: Spec
     process: subprocess.Popen[bytes]
     port: int
     steps: list[dict[str, Any]] = field(default_factory=list)
     good: int = 0  # the largest N that passed, below the first that failed
     bad: int | None = None  # the smallest N that failed
 
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
-def _start_server(name: str, args: argparse.Namespace, db: str, profile: bool) -> Server:
+
+def _start_server(spec: Spec, args: argparse.Namespace, db: str, profile: bool) -> Server:
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if profile and args.py_spy is None:
         env["LOAD_PROFILE"] = str(args.profile_out)
-    if args.gc_freeze in (name, "both"):
+    if args.gc_freeze in (spec.kind, "both"):
         env["LOAD_GC_FREEZE"] = "1"
-    if args.gc_threshold and name == "rtagent":
+    if args.gc_threshold and spec.kind == "rtagent":
         env["LOAD_GC_THRESHOLD"] = args.gc_threshold
     if args.model == "scripted":
         env["LOAD_MODEL"] = "scripted"
     if args.sqlite_sync != "default":
         env["LOAD_SQLITE_SYNC"] = args.sqlite_sync.upper()
-    env["LOAD_WORKERS"] = str(args.workers[name])
-    if name == "rtagent" and args.redis_url:
+    env["LOAD_WORKERS"] = str(spec.workers)
+    if spec.redis:
         env["LOAD_REDIS"] = args.redis_url
-    command = [sys.executable, str(HERE / "load_servers.py"), name, str(port), str(args.interval), db]
+    command = [sys.executable, str(HERE / "load_servers.py"), spec.kind, str(port), str(args.interval), db]
     process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL)
-    return Server(name, process, port)
+    return Server(spec, process, port)
 
 
 def _start_redis(directory: str) -> tuple[subprocess.Popen[bytes], int]:
@@ -315,13 +360,13 @@ def _stats(values: list[float]) -> dict[str, float | None]:
 
 
 def _step(server: Server, clients: Clients, n: int, args: argparse.Namespace, label: str) -> dict[str, Any]:
-    path, marker, end = WIRE[server.name]
+    path, marker, end = WIRE[server.spec.kind]
     spread = max(args.min_spread, n / args.rate)
     tokens = math.ceil((spread + args.plateau) / args.interval)
     k = len(clients.processes)
     sessions: list[list[list[Any]]] = [[] for _ in range(k)]
     for j in range(n):
-        sessions[j % k].append([f"{label}-{server.name}-{n}-{j}", spread * j / n])
+        sessions[j % k].append([f"{label}-{server.spec.slug}-{n}-{j}", spread * j / n])
     start_at = time.monotonic() + 0.3
     # The plateau: after the last session has started (and settled), before the first can end.
     window = [start_at + spread + args.settle, start_at + (tokens - 1) * args.interval]
@@ -343,8 +388,8 @@ def _step(server: Server, clients: Clients, n: int, args: argparse.Namespace, la
     ]
     pid = server.process.pid
     sampler = None
-    if args.py_spy is not None and args.profile_server == server.name and label != "warmup":
-        sampled = f"{args.profile_out}-{server.name}-{n}.txt"
+    if args.py_spy is not None and args.profile_server == server.spec and label != "warmup":
+        sampled = f"{args.profile_out}-{server.spec.slug}-{n}.txt"
         seconds = str(math.ceil(spread + tokens * args.interval + 1))
         record = ["record", "-p", str(pid), "-d", seconds, "-r", "200", "-f", "raw", "-o", sampled]
         sampler = subprocess.Popen(
@@ -354,6 +399,8 @@ def _step(server: Server, clients: Clients, n: int, args: argparse.Namespace, la
         )
     gc_before = _get_json(server, "/load/gc")
     cpu_before = _cpu_seconds(pid)
+    # Only this server is measured now: what redis-server spends meanwhile is its doing.
+    redis_before = sum(_cpu_seconds(args.redis_pid)) if server.spec.redis else 0.0
     wall_before = time.monotonic()
     answers = clients.run(commands)
     if sampler is not None:  # it stops by itself when its duration is over, and then writes
@@ -365,6 +412,7 @@ def _step(server: Server, clients: Clients, n: int, args: argparse.Namespace, la
     user_after, system_after = _cpu_seconds(pid)
     server_user, server_system = user_after - cpu_before[0], system_after - cpu_before[1]
     server_cpu = server_user + server_system
+    redis_cpu = sum(_cpu_seconds(args.redis_pid)) - redis_before if server.spec.redis else None
     gc_after = _get_json(server, "/load/gc")
     interval_ms = args.interval * 1e3
     added = [gap - interval_ms for answer in answers for gap in answer["gaps_ms"]]
@@ -396,8 +444,9 @@ def _step(server: Server, clients: Clients, n: int, args: argparse.Namespace, la
         "server_cpu_ms_per_session": round(server_cpu / n * 1e3, 3),
         "server_cpu_us_per_token": round(server_cpu / (n * tokens) * 1e6, 1),
         "server_rss_mib": _rss_mib(pid),
+        "redis_cpu_us_per_token": None if redis_cpu is None else round(redis_cpu / (n * tokens) * 1e6, 1),
         # With several workers the two answers may come from different processes.
-        "server_gc": _gc_delta(gc_before, gc_after, wall) if args.workers[server.name] == 1 else None,
+        "server_gc": _gc_delta(gc_before, gc_after, wall) if server.spec.workers == 1 else None,
         "client_lag_ms": {"p50": lag["p50"], "p99": lag["p99"], "max": lag["max"]},
         "client_cpu_util": [round(answer["cpu_s"] / wall, 3) for answer in answers] if wall > 0 else None,
         "load_avg_1m": round(os.getloadavg()[0], 2),
@@ -417,7 +466,7 @@ def _record(server: Server, result: dict[str, Any]) -> None:
     gap, every, ttft = result["added_gap_ms"], result["added_gap_all_ms"], result["ttft_ms"]
     gc_share = (result["server_gc"] or {}).get("share_of_wall")
     print(
-        f"{server.name:8} N={n:5}  plateau p50 {gap['p50']} p99 {gap['p99']} max {gap['max']} ms | "
+        f"{server.name:15} N={n:5}  plateau p50 {gap['p50']} p99 {gap['p99']} max {gap['max']} ms | "
         f"all p99 {every['p99']} | ttft p50 {ttft['p50']} p99 {ttft['p99']} | "
         f"late {result['late_sessions']} | errors {result['errors']} | "
         f"cpu {result['server_cpu_util']} ({result['server_cpu_us_per_token']} us/token) | "
@@ -473,18 +522,19 @@ def _run(args: argparse.Namespace, fd_limit: dict[str, int]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="rtagent-load-") as tmp:
         servers: list[Server] = []
         servers_extra: list[subprocess.Popen[bytes]] = []
-        args.redis_url = None
+        args.redis_url = args.redis_pid = None
         clients: Clients | None = None
         try:
-            if args.workers.get("rtagent", 1) > 1 or args.redis:
+            if any(spec.redis for spec in args.servers):
                 # rtagent's replicas coordinate on Redis (``rtagent serve --redis``): a real one.
                 redis, redis_port = _start_redis(tmp)
                 servers_extra.append(redis)
                 args.redis_url = f"redis://127.0.0.1:{redis_port}/0"
-            for name in args.servers:
-                profile = args.profile_server == name
-                db = ":memory:" if args.rtagent_db == "memory" else str(Path(tmp) / f"{name}.db")
-                servers.append(_start_server(name, args, db, profile))
+                args.redis_pid = redis.pid
+            for spec in args.servers:
+                profile = args.profile_server == spec
+                db = ":memory:" if args.rtagent_db == "memory" else str(Path(tmp) / f"{spec.slug}.db")
+                servers.append(_start_server(spec, args, db, profile))
             for server in servers:
                 _wait_ready(server)
             clients = Clients(args.clients)
@@ -503,7 +553,8 @@ def _run(args: argparse.Namespace, fd_limit: dict[str, int]) -> dict[str, Any]:
         finally:
             if clients is not None:
                 clients.close()
-            _stop([server.process for server in servers] + servers_extra)
+            _stop([server.process for server in servers])
+            _stop(servers_extra)  # after the servers: they would log that Redis went away
     limits = {server.name: server.good for server in servers}
     report: dict[str, Any] = {
         "method": {
@@ -512,10 +563,9 @@ def _run(args: argparse.Namespace, fd_limit: dict[str, int]) -> dict[str, Any]:
             "min_start_spread_s": args.min_spread,
             "plateau_s": args.plateau,
             "rtagent_db": args.rtagent_db,
-            "rtagent_redis": args.redis_url is not None,
             "rtagent_sqlite_synchronous": args.sqlite_sync,
             "client_processes": args.clients,
-            "server_workers": {server.name: args.workers[server.name] for server in servers},
+            "servers": [server.name for server in servers],
             "repeats_per_step": args.repeats,
             "model": args.model,
             "gc_freeze": args.gc_freeze,
@@ -538,19 +588,58 @@ def _run(args: argparse.Namespace, fd_limit: dict[str, int]) -> dict[str, Any]:
         },
         "max_n_p99_under_50ms": limits,
     }
-    if limits.get("baseline"):
-        report["ratio_rtagent_over_baseline"] = round(limits.get("rtagent", 0) / limits["baseline"], 2)
+    report["comparisons"] = _compare(servers)
     if any(server.bad is None for server in servers):
         report["note"] = "a server passed every N tried: its limit is above the largest N (raise --ns)"
-    report["targets"] = {"rtagent_min_sessions": 1000, "ratio_min": 2.0}
+    report["targets"] = {
+        "rtagent_min_sessions": 1000,
+        "ratio_min": 2.0,
+        "redis_over_memory_cpu_per_token_max": 1.3,
+        "redis_over_memory_max_n_min": 0.8,
+    }
     return report
+
+
+def _compare(servers: list[Server]) -> dict[str, Any]:
+    """Each rtagent server against the baseline with as many processes, and its run log on Redis
+    against the one in memory with as many processes: limits, and CPU per token at the largest N
+    both passed (the same load on both)."""
+    by_spec = {server.spec: server for server in servers}
+    out: dict[str, Any] = {}
+    for server in servers:
+        if server.spec.kind != "rtagent":
+            continue
+        others = [Spec("baseline", server.spec.workers, False)]
+        if server.spec.redis:
+            others.append(Spec("rtagent", server.spec.workers, False))
+        for other in filter(None, map(by_spec.get, others)):
+            both = {s["n"] for s in server.steps if s["pass"]} & {s["n"] for s in other.steps if s["pass"]}
+            pair: dict[str, Any] = {"max_n": [server.good, other.good]}
+            pair["max_n_ratio"] = round(server.good / other.good, 2) if other.good else None
+            if both:
+                n = max(both)
+                cpu = [_at(s, n)["server_cpu_us_per_token"] for s in (server, other)]
+                pair |= {"cpu_us_per_token_at_n": n, "cpu_us_per_token": cpu}
+                pair["cpu_per_token_ratio"] = round(cpu[0] / cpu[1], 2) if cpu[1] else None
+            out[f"{server.name} / {other.name}"] = pair
+    return out
+
+
+def _at(server: Server, n: int) -> dict[str, Any]:
+    return next(step for step in server.steps if step["n"] == n)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: small N, short replies")
     parser.add_argument("--ns", type=lambda text: tuple(int(x) for x in text.split(",")), default=None)
-    parser.add_argument("--servers", type=lambda text: tuple(text.split(",")), default=SERVERS)
+    parser.add_argument(
+        "--servers",
+        type=lambda text: [parse_spec(part) for part in text.split(",")],
+        default=[parse_spec(text) for text in SERVERS],
+        help="what to compare, in one run: KIND[@WORKERS][+redis], KIND rtagent or baseline "
+        f"(default: {','.join(SERVERS)})",
+    )
     parser.add_argument("--interval", type=float, default=0.05, help="seconds between text deltas")
     parser.add_argument("--rate", type=float, default=None, help="sessions started per second (100)")
     parser.add_argument(
@@ -563,18 +652,6 @@ def main() -> None:
         "--settle", type=float, default=0.5, help="seconds after the last start before measuring"
     )
     parser.add_argument("--clients", type=int, default=2, help="load-generator processes")
-    parser.add_argument(
-        "--redis",
-        action="store_true",
-        help="rtagent on a real redis-server (its run log and leases) even with one worker",
-    )
-    parser.add_argument(
-        "--workers",
-        type=lambda text: {**WORKERS, **{k: int(v) for k, v in (p.split("=") for p in text.split(","))}},
-        default=WORKERS,
-        help="worker processes per server, e.g. rtagent=2,baseline=1 (the default: rtagent one per core, "
-        "as `rtagent serve --workers` runs it; the baseline one, as the SDK documentation runs it)",
-    )
     parser.add_argument(
         "--repeats", type=int, default=None, help="runs per N and server; the best counts (2)"
     )
@@ -608,7 +685,7 @@ def main() -> None:
         default="default",
         help="PRAGMA synchronous for rtagent's database (default: as shipped, NORMAL; full: the SDK's)",
     )
-    parser.add_argument("--profile-server", choices=SERVERS, default=None)
+    parser.add_argument("--profile-server", type=parse_spec, default=None, help="e.g. rtagent@1+redis")
     parser.add_argument("--profile-out", type=Path, default=Path("load.prof"))
     parser.add_argument("--py-spy", default=None, help="the py-spy executable, to sample instead of cProfile")
     args = parser.parse_args()
@@ -619,9 +696,6 @@ def main() -> None:
     args.refine = args.refine if args.refine is not None else (0 if args.quick else 2)
     if args.quick:
         args.pause = min(args.pause, 0.3)
-    unknown = set(args.servers) - set(SERVERS)
-    if unknown:
-        parser.error(f"unknown servers: {sorted(unknown)}")
     fd_limit = _raise_fd_limit()
     print(json.dumps(_run(args, fd_limit), indent=2))
 

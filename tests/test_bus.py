@@ -185,6 +185,23 @@ async def test_the_official_typescript_client_sees_a_message_to_b_interrupt_a(
     assert "# pass 1" in report, report
 
 
+async def test_two_messages_of_a_thread_at_once_on_one_replica_take_its_lease_once(
+    redis_url: str, tmp_path: Path
+) -> None:
+    # Both find no turn of the thread here; without the lock both would take the lease, and the
+    # second would wait for the first turn to end instead of interrupting it (the policy).
+    redis.Redis.from_url(redis_url).flushall()
+    app, model = make_app(tmp_path, [reply(WORDS, delay=0.02), reply("Second.")], redis=redis_url)
+    async with serving(app) as host, httpx.AsyncClient(base_url=f"http://{host}", timeout=30) as http:
+        answers = await asyncio.gather(
+            http.post("/agui", json=server_run_input("first", run="a")),
+            http.post("/agui", json=server_run_input("second", run="b")),
+        )
+    ends = sorted(frames(a.text)[-1][1]["result"]["interrupted"] for a in answers)
+    assert ends == [False, True]  # unlocked, both take the lease: [False, False], one after the other
+    assert "streaming" not in [stream.outcome for stream in model.streams]
+
+
 def test_workers_need_redis(capsys: pytest.CaptureFixture[str]) -> None:
     import argparse
 

@@ -39,6 +39,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from pathlib import Path
@@ -118,6 +119,10 @@ class _Server:
         self._chats: OrderedDict[str, Chat] = OrderedDict()
         self._running: dict[str, int] = {}  # thread -> its turns here, running or waiting to
         self._members: dict[str, list[str]] = {}  # thread -> its turns' places in the shared cap
+        # Held while a thread's lease is taken here, so that two messages of the thread arriving at
+        # once do not both take it (the second would wait for the first turn's end, uninterrupted);
+        # a lock lives as long as someone holds or awaits it.
+        self._claiming: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     @property
     def _active(self) -> int:
@@ -175,14 +180,23 @@ class _Server:
                 raise InputError(full, 503, "overloaded")
             self._members.setdefault(thread_id, []).append(member)
             try:
-                await self._claim(thread_id)
+                async with self._claim_lock(thread_id):
+                    await self._claim(thread_id)
+                    self._running[thread_id] = self._running.get(thread_id, 0) + 1
             except BaseException:
                 await self._leave(thread_id)
                 raise
-        self._running[thread_id] = self._running.get(thread_id, 0) + 1
+        else:
+            self._running[thread_id] = self._running.get(thread_id, 0) + 1
         self.metrics.turns.inc()
         run = AguiRun(thread_id, run_id, chat, chat.send(text), observe=self.metrics.observe)
         return self.log.produce(run, text, functools.partial(self.turn_ended, thread_id))
+
+    def _claim_lock(self, thread_id: str) -> asyncio.Lock:
+        lock = self._claiming.get(thread_id)
+        if lock is None:
+            lock = self._claiming[thread_id] = asyncio.Lock()
+        return lock
 
     async def _claim(self, thread_id: str) -> None:
         """Before a turn of the thread starts here: hold its lease (a turn of it elsewhere is
@@ -212,16 +226,16 @@ class _Server:
     async def recover(self, thread_id: str) -> None:
         """Take over a thread whose replica died mid-run (a follower here found its lease gone)."""
         assert self.bus is not None
-        if self._running.get(thread_id):
-            return
-        try:
-            await self.bus.acquire(thread_id, interrupt=False, timeout_s=1.0)
-        except InputError:
-            return  # another replica took it meanwhile, and closes the run
-        try:
-            await self._close_dead_run(thread_id)
-        finally:
-            if not self._running.get(thread_id):
+        async with self._claim_lock(thread_id):
+            if self._running.get(thread_id):
+                return
+            try:
+                await self.bus.acquire(thread_id, interrupt=False, timeout_s=1.0)
+            except InputError:
+                return  # another replica took it meanwhile, and closes the run
+            try:
+                await self._close_dead_run(thread_id)
+            finally:
                 await self.bus.release(thread_id)
 
     async def turn_ended(self, thread_id: str) -> None:
@@ -313,9 +327,11 @@ class _Server:
         thread_id = request.path_params["thread_id"]
         chat = await self.known_chat(thread_id)
         await chat.aclose()
-        if self.bus is not None and not self._running.get(thread_id):  # and a turn of it elsewhere
-            await self.bus.acquire(thread_id, interrupt=True)
-            await self.bus.release(thread_id)
+        if self.bus is not None:
+            async with self._claim_lock(thread_id):
+                if not self._running.get(thread_id):  # and a turn of it elsewhere
+                    await self.bus.acquire(thread_id, interrupt=True)
+                    await self.bus.release(thread_id)
         await chat.session.clear_session()
         self._chats.pop(thread_id, None)
         self.metrics.sessions.set(len(self._chats))

@@ -2,9 +2,11 @@
 bounded in length, expiring an hour after its last write), beside the ring of the process that
 produces them (see ``_runlog``).
 
-The producing process serves its own clients from its ring and writes the stream in batches: one
-script call per thread every few milliseconds (``FLUSH_S``) rather than a round trip per token,
-which checks the lease's fencing token before it writes (see ``_bus``). A thread's latest run is
+The producing process serves its own clients from its ring and writes the streams in batches: one
+script call for all its threads every few milliseconds (``FLUSH_S``) rather than a round trip per
+token or per thread, which checks each thread's fencing token before it writes (see ``_bus``). The
+script's keys span threads, so the run log needs one Redis (a primary, with Sentinel or not), not
+a Redis Cluster. A thread's latest run is
 described in ``rtagent:run:THREAD``: its id, first event id, the user's message and whether it
 ended, which is how a replica taking over from a dead one finds the run to close.
 """
@@ -24,20 +26,38 @@ from ._agui import log
 from ._bus import PREFIX, Bus
 from ._runlog import END, START, Entry, Reader, RunLog, interrupt, parse_id
 
+# One call appends a batch for every thread that has one: three keys per thread (lease, stream,
+# run) and, in ARGV[3], a JSON list of the threads' [fencing token, run fields, entries]. One JSON
+# argument, not three per entry: redis-py packs a command's arguments in time that grows with
+# their count squared. A thread whose lease another token holds is skipped (0); one whose entries
+# Redis refuses gets the error's text; the others are written (1).
 APPEND = """
-if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
-for i = 5, #ARGV, 3 do
-  redis.call('xadd', KEYS[2], 'MAXLEN', '~', ARGV[2], ARGV[i], 'e', ARGV[i + 1], 'k', ARGV[i + 2])
+local size, ttl, written = ARGV[1], ARGV[2], {}
+for t, batch in ipairs(cjson.decode(ARGV[3])) do
+  local lease, stream, run = KEYS[3 * t - 2], KEYS[3 * t - 1], KEYS[3 * t]
+  local token, fields, entries = batch[1], batch[2], batch[3]
+  written[t] = 0
+  if redis.call('get', lease) == token then
+    written[t] = 1
+    for i = 1, #entries, 3 do
+      local added = redis.pcall(
+        'xadd', stream, 'MAXLEN', '~', size, entries[i], 'e', entries[i + 1], 'k', entries[i + 2])
+      if type(added) == 'table' and added.err then written[t] = added.err; break end
+    end
+    if type(fields) == 'table' then
+      for field, value in pairs(fields) do redis.call('hset', run, field, value) end
+    end
+    redis.call('pexpire', stream, ttl)
+    redis.call('pexpire', run, ttl)
+  end
 end
-if ARGV[4] ~= '' then
-  for field, value in pairs(cjson.decode(ARGV[4])) do redis.call('hset', KEYS[3], field, value) end
-end
-redis.call('pexpire', KEYS[2], ARGV[3])
-redis.call('pexpire', KEYS[3], ARGV[3])
-return 1
+return written
 """
-# How long writes wait to be batched; what a reconnecting client may find not yet written.
-FLUSH_S = 0.005
+# How long writes wait to be batched: each script call has a fixed cost in this process, so fewer,
+# larger calls cost less CPU per token. It is also what a client reading another replica's run may
+# wait more for an event (the producing replica's own clients read its ring): well inside the 50 ms
+# a reconnect may take to its first missed event (bench/resume.py).
+FLUSH_S = 0.02
 # How long a follower on another replica waits for an event before it checks the run's holder.
 BLOCK_MS = 1000
 
@@ -71,6 +91,7 @@ class RedisRunLog(RunLog):
         self._meta: dict[str, dict[str, str]] = {}
         self._wake = asyncio.Event()
         self._flushed = asyncio.Event()
+        self._writing: set[str] = set()
         self._flusher: asyncio.Task[None] | None = None
         # Set by the server: take over a thread whose holder died (see ``_app``).
         self.recover: Callable[[str], Awaitable[None]] | None = None
@@ -97,7 +118,7 @@ class RedisRunLog(RunLog):
     async def flush(self, thread_id: str) -> None:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(3):  # Redis gone: the turn still ends, its history saved
-                while thread_id in self._pending or thread_id in self._meta:
+                while thread_id in self._pending or thread_id in self._meta or thread_id in self._writing:
                     await self._flushed.wait()
 
     async def _flush_forever(self) -> None:
@@ -107,6 +128,8 @@ class RedisRunLog(RunLog):
             self._wake.clear()
             pending, self._pending = self._pending, {}
             meta, self._meta = self._meta, {}
+            # Until written, a turn's end waits for these too: its lease must outlive its writes.
+            self._writing = pending.keys() | meta.keys()
             try:
                 await self._write(pending, meta)
             except (RedisError, OSError) as exc:
@@ -119,34 +142,32 @@ class RedisRunLog(RunLog):
                 self._wake.set()
                 await asyncio.sleep(0.2)
             finally:
+                self._writing = set()
                 flushed, self._flushed = self._flushed, asyncio.Event()
                 flushed.set()
 
     async def _write(self, pending: dict[str, list[str]], meta: dict[str, dict[str, str]]) -> None:
+        """Append every thread's batch in one script call (a round trip per batch, not per thread)."""
         threads = list(pending.keys() | meta.keys())
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for thread_id in threads:
-                args = self._args(thread_id, meta.get(thread_id), pending.get(thread_id, []))
-                await self._append(keys=self._keys(thread_id), args=args, client=pipe)
-            # A batch Redis refuses would be refused again: only a lost connection is retried
-            # (execute raises), and the other threads' batches, written, are not written twice.
-            results = await pipe.execute(raise_on_error=False)
-        for thread_id, written in zip(threads, results, strict=True):
-            if isinstance(written, RedisError):
-                log.error("Redis refused the run log of thread %s: %s", thread_id, written)
-            elif not written:  # fenced off: another replica holds the thread now
+        written = await self._append_all({t: (meta.get(t), pending.get(t, [])) for t in threads})
+        for thread_id, result in zip(threads, written, strict=True):
+            if result == 0:  # fenced off: another replica holds the thread now
                 log.warning("thread %s is another replica's now; this one's run is not logged", thread_id)
                 ring = self._rings.get(thread_id)
                 if ring is not None:
                     interrupt(ring)
+            elif result != 1:  # refused (it would be again): dropped, the other threads' kept
+                log.error("Redis refused the run log of thread %s: %s", thread_id, result)
 
-    def _args(self, thread_id: str, meta: dict[str, str] | None, entries: list[str]) -> list[str | int]:
-        """The append script's arguments: the fencing token, the bounds, the run's fields, entries."""
-        token = self.bus.held.get(thread_id, "")
-        return [token, self.size, self.ttl_ms, json.dumps(meta) if meta else "", *entries]
-
-    def _keys(self, thread_id: str) -> list[str]:
-        return [f"{PREFIX}lease:{thread_id}", f"{PREFIX}log:{thread_id}", f"{PREFIX}run:{thread_id}"]
+    async def _append_all(self, batches: dict[str, tuple[dict[str, str] | None, list[str]]]) -> list[Any]:
+        keys: list[str] = []
+        batch: list[tuple[str, dict[str, str] | None, list[str]]] = []
+        for thread_id, (fields, entries) in batches.items():
+            keys += [f"{PREFIX}lease:{thread_id}", f"{PREFIX}log:{thread_id}", f"{PREFIX}run:{thread_id}"]
+            batch.append((self.bus.held.get(thread_id, ""), fields, entries))
+        args = [self.size, self.ttl_ms, json.dumps(batch, separators=(",", ":"))]
+        written: list[Any] = await self._append(keys=keys, args=args)
+        return written
 
     # -- a dead replica's run -------------------------------------------------------------------
 
@@ -181,8 +202,7 @@ class RedisRunLog(RunLog):
 
     async def close_dead(self, thread_id: str, dead: DeadRun) -> None:
         entries = [str(field) for entry in dead.closing for field in entry]
-        args = self._args(thread_id, {"state": "ended"}, entries)
-        await self._append(keys=self._keys(thread_id), args=args)
+        await self._append_all({thread_id: ({"state": "ended"}, entries)})
 
     # -- reading ----------------------------------------------------------------------------------
 
