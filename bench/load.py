@@ -88,7 +88,6 @@ import math
 import os
 import re
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -98,7 +97,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from ports import free_port
+from ports import free_port, start_redis
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_NS = (100, 250, 500, 750, 1000, 1250, 1500, 2000, 2500, 3000, 4000)
@@ -239,18 +238,6 @@ def _start_server(spec: Spec, args: argparse.Namespace, db: str, profile: bool) 
     command = [sys.executable, str(HERE / "load_servers.py"), spec.kind, str(port), str(args.interval), db]
     process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL)
     return Server(spec, process, port)
-
-
-def _start_redis(directory: str) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
-    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    process = subprocess.Popen(command, cwd=directory, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-            return process, port
-        time.sleep(0.05)
-    raise RuntimeError("redis-server did not start")
 
 
 def _get_json(server: Server, path: str) -> Any:
@@ -527,7 +514,7 @@ def _run(args: argparse.Namespace, fd_limit: dict[str, int]) -> dict[str, Any]:
         try:
             if any(spec.redis for spec in args.servers):
                 # rtagent's replicas coordinate on Redis (``rtagent serve --redis``): a real one.
-                redis, redis_port = _start_redis(tmp)
+                redis, redis_port = start_redis(tmp)
                 servers_extra.append(redis)
                 args.redis_url = f"redis://127.0.0.1:{redis_port}/0"
                 args.redis_pid = redis.pid

@@ -1,4 +1,5 @@
-"""A free loopback port, for the servers the benchmarks start, and waiting for one to answer."""
+"""A free loopback port, for the servers the benchmarks start, waiting for one to answer, and a
+real redis-server for those that coordinate on it."""
 
 from __future__ import annotations
 
@@ -28,3 +29,17 @@ def healthy(server: subprocess.Popen[bytes], port: int, timeout_s: float = 60.0)
                 return True
         time.sleep(0.1)
     return False
+
+
+def start_redis(directory: str) -> tuple[subprocess.Popen[bytes], int]:
+    """A redis-server on a free loopback port, persisting nothing; it and its port."""
+    port = free_port()
+    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    process = subprocess.Popen(command, cwd=directory, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return process, port
+        time.sleep(0.05)
+    process.kill()
+    raise RuntimeError("redis-server did not start")

@@ -20,14 +20,24 @@ before the model's next word does, so this includes waiting for it (up to ``--de
 - ``unfinished``: runs that did not end with RUN_FINISHED, and ``errors``: a resume answered
   with anything but a 200 event stream.
 
-Prints one JSON object; exits 1 unless p99 <= 50 ms and every count is 0. Run:
-``.venv/bin/python bench/resume.py [--reconnects 200] [--threads 8] [--seed 1]``
+Two setups, one after the other in one run, the same reconnects (same seed) in each:
+
+- ``one``: one ``rtagent serve`` process, its run log in memory;
+- ``replicas``: two ``rtagent serve`` processes on one real redis-server (started here) and one
+  SQLite file, and every connection goes to the other replica than the one before: a run is
+  POSTed to one, its first resume goes to the other, its next back, so every missed event comes
+  through the Redis run log (as behind a load balancer that never sends a client back).
+
+Prints one JSON object; exits 1 unless, in every setup, p99 <= 50 ms and every count is 0. Run:
+``.venv/bin/python bench/resume.py [--reconnects 200] [--threads 8] [--seed 1] [--setups one,replicas]``
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import itertools
 import json
 import math
 import os
@@ -42,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from ports import free_port, healthy
+from ports import free_port, healthy, start_redis
 
 TARGET = {"p99_ms": 50, "gaps": 0, "duplicates": 0}
 COUNTS = ("duplicates", "gaps", "interrupted", "unfinished", "errors")
@@ -130,7 +140,7 @@ async def read_frames(
 
 
 async def one_run(
-    http: httpx.AsyncClient,
+    https: list[httpx.AsyncClient],
     thread: str,
     number: int,
     rng: random.Random,
@@ -149,7 +159,9 @@ async def one_run(
         "context": [],
     }
     cut = rng.randint(1, frames_per_run - 2) if budget.take() else None
-    async with http.stream("POST", "/agui", json=body) as response:
+    # Each connection goes to the next server (the other replica, when there are two).
+    servers = itertools.islice(itertools.cycle(https), number % len(https), None)
+    async with next(servers).stream("POST", "/agui", json=body) as response:
         if response.status_code != 200:
             run.errors.append(f"POST /agui: {response.status_code}")
             return run
@@ -161,7 +173,7 @@ async def one_run(
         cut = rng.randint(1, left - 2) if again else None
         started = time.perf_counter()
         headers = {"Last-Event-ID": last}
-        async with http.stream("GET", f"/threads/{thread}/stream", headers=headers) as response:
+        async with next(servers).stream("GET", f"/threads/{thread}/stream", headers=headers) as response:
             if response.status_code != 200:
                 run.errors.append(f"GET /threads/{thread}/stream after {last}: {response.status_code}")
                 return run
@@ -202,10 +214,13 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
     return {"p50": rank(0.5), "p90": rank(0.9), "p99": rank(0.99), "max": rank(1.0)}
 
 
-def start_server(workdir: Path, words: int, delay_s: float) -> tuple[subprocess.Popen[bytes], int, Path]:
+Started = tuple[subprocess.Popen[bytes], int, Path]  # the server, its port, its log
+
+
+def start_server(workdir: Path, name: str, redis_url: str | None) -> Started:
+    """``workdir``'s agent (``AGENT``), served on a free port, logging to ``NAME.log``."""
     agent = workdir / "resume_agent.py"
-    agent.write_text(AGENT.format(words=words, delay=delay_s))
-    port, log = free_port(), workdir / "server.log"
+    port, log = free_port(), workdir / f"{name}.log"
     command = [
         sys.executable,
         "-m",
@@ -218,6 +233,7 @@ def start_server(workdir: Path, words: int, delay_s: float) -> tuple[subprocess.
         str(workdir / "threads.db"),
         "--rate-limit",
         "0",  # a few clients make every request here
+        *(["--redis", redis_url] if redis_url else []),
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OPENAI_AGENTS_DISABLE_TRACING": "1"}
     env.pop("RTAGENT_MODEL", None)
@@ -238,17 +254,23 @@ def stop_server(server: subprocess.Popen[bytes]) -> None:
         server.wait()
 
 
-async def bench(args: argparse.Namespace, port: int) -> dict[str, Any]:
+async def bench(args: argparse.Namespace, ports: list[int]) -> dict[str, Any]:
     rng = random.Random(args.seed)
     budget = Budget(args.reconnects)
     latencies: list[float] = []
     runs: list[Run] = []
     frames_per_run = 0
     limits = httpx.Limits(max_connections=args.threads * 2, max_keepalive_connections=args.threads * 2)
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30, limits=limits) as http:
+    async with contextlib.AsyncExitStack() as stack:
+        https = [
+            await stack.enter_async_context(
+                httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30, limits=limits)
+            )
+            for port in ports
+        ]
         # One whole run first: how many frames a run has, for drawing drop points within it.
         warm = Budget(0)
-        whole = await one_run(http, "warmup", 0, rng, warm, 3, 0.0, [])
+        whole = await one_run(https, "warmup", 0, rng, warm, 3, 0.0, [])
         frames_per_run = len(whole.frames)
         if any(check(whole, args.words).values()):
             raise RuntimeError(
@@ -263,7 +285,7 @@ async def bench(args: argparse.Namespace, port: int) -> dict[str, Any]:
                 run_rng = random.Random(rng.random())
                 drop = args.drop_again
                 runs.append(
-                    await one_run(http, thread, number, run_rng, budget, frames_per_run, drop, latencies)
+                    await one_run(https, thread, number, run_rng, budget, frames_per_run, drop, latencies)
                 )
 
         await asyncio.gather(*(client(i) for i in range(args.threads)))
@@ -290,11 +312,31 @@ async def bench(args: argparse.Namespace, port: int) -> dict[str, Any]:
         "errors": totals["errors"],
         "error_examples": examples,
         "frames_per_run": frames_per_run,
-        "threads": args.threads,
-        "reply": {"words": args.words, "delay_ms": args.delay_ms},
-        "target": TARGET,
         "met": met,
     }
+
+
+def run_setup(args: argparse.Namespace, workdir: Path, setup: str) -> dict[str, Any]:
+    extra: list[subprocess.Popen[bytes]] = []
+    servers: list[Started] = []
+    try:
+        redis_url = None
+        if setup == "replicas":
+            redis, redis_port = start_redis(str(workdir))
+            extra.append(redis)
+            redis_url = f"redis://127.0.0.1:{redis_port}/0"
+        for index in range(2 if setup == "replicas" else 1):
+            servers.append(start_server(workdir, f"{setup}{index}", redis_url))
+        result = asyncio.run(bench(args, [port for _, port, _ in servers]))
+    finally:
+        for server, _, _ in servers:
+            stop_server(server)
+        for process in extra:  # after the servers: they would log that Redis went away
+            stop_server(process)
+    tracebacks = sum(log.read_text(errors="replace").count("Traceback") for _, _, log in servers)
+    result["server_tracebacks"] = tracebacks
+    result["met"] = result["met"] and tracebacks == 0
+    return result
 
 
 def main() -> int:
@@ -305,16 +347,26 @@ def main() -> int:
     parser.add_argument("--delay-ms", type=float, default=10.0, help="between the reply's words")
     parser.add_argument("--drop-again", type=float, default=0.6, help="chance of dropping a resume too")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--setups", default="one,replicas", help="of: one, replicas")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="rtagent-resume-") as tmp:
-        server, port, log = start_server(Path(tmp), args.words, args.delay_ms / 1000)
-        try:
-            result = asyncio.run(bench(args, port))
-        finally:
-            stop_server(server)
-        tracebacks = log.read_text(errors="replace").count("Traceback")
-        result["server_tracebacks"] = tracebacks
-        result["met"] = result["met"] and tracebacks == 0
+    setups = args.setups.split(",")
+    if not setups or not set(setups) <= {"one", "replicas"}:
+        parser.error(f"--setups: expected a comma-separated list of one, replicas; got {args.setups!r}")
+    results: dict[str, Any] = {}
+    for setup in setups:
+        # Each setup on a file and a Redis of its own.
+        with tempfile.TemporaryDirectory(prefix=f"rtagent-resume-{setup}-") as tmp:
+            (Path(tmp) / "resume_agent.py").write_text(
+                AGENT.format(words=args.words, delay=args.delay_ms / 1000)
+            )
+            results[setup] = run_setup(args, Path(tmp), setup)
+    result = {
+        "setups": results,
+        "threads": args.threads,
+        "reply": {"words": args.words, "delay_ms": args.delay_ms},
+        "target": TARGET,
+        "met": all(r["met"] for r in results.values()),
+    }
     print(json.dumps(result, indent=2))
     return 0 if result["met"] else 1
 

@@ -177,6 +177,30 @@ async def test_a_replica_killed_mid_turn_frees_the_thread_within_its_lease_and_k
     assert LONG.startswith(cut["content"])
 
 
+async def test_a_replica_paused_past_its_lease_writes_nothing_after_the_new_holder(
+    replicas: tuple[str, str, subprocess.Popen[bytes]],
+) -> None:
+    url_a, url_b, process_a = replicas
+    await stream_some(url_a, run_input("something long please"), 40)
+    await asyncio.sleep(0.3)
+    process_a.send_signal(signal.SIGSTOP)
+    try:
+        await asyncio.sleep(1.5)  # past the lease (1 s): B may take the thread
+        async with httpx.AsyncClient(base_url=url_b, timeout=30) as b:
+            second = frames((await b.post("/agui", json=run_input("are you there", run="r2"))).text)
+            before = (await b.get("/threads/t1/messages")).json()["messages"]
+            process_a.send_signal(signal.SIGCONT)
+            # A finds its lease lost within a third of it and interrupts its turn, which would
+            # then save its (longer) cut reply after B's turn.
+            await asyncio.sleep(2.0)
+            after = (await b.get("/threads/t1/messages")).json()["messages"]
+    finally:
+        process_a.send_signal(signal.SIGCONT)
+    assert second[-1][1]["type"] == "RUN_FINISHED"
+    assert [m["role"] for m in before] == ["user", "assistant", "user", "assistant"]
+    assert after == before
+
+
 async def test_the_official_typescript_client_sees_a_message_to_b_interrupt_a(
     replicas: tuple[str, str, subprocess.Popen[bytes]],
 ) -> None:

@@ -86,3 +86,26 @@ async def test_a_batch_redis_refuses_is_dropped_and_the_others_are_written(
     assert await entries(bus, "b") == ["4-1"]
     assert "Redis refused the run log of thread a" in caplog.text
     assert "equal or smaller" in caplog.text
+
+
+async def test_a_reader_on_another_replica_waits_for_a_new_runs_first_batch(
+    shared: tuple[Bus, RedisRunLog, list[int]], redis_url: str
+) -> None:
+    bus, log, _ = shared
+    await bus.acquire("a", interrupt=False)
+    log.publish("a", ("5-1", STARTED, START), "hello", "r1")
+    log.publish("a", ("5-2", '{"type":"RUN_FINISHED"}', END), None, "r1")
+    await log.flush("a")
+    log.publish("a", ("9-1", STARTED, START), "again", "r2")
+    log.publish("a", ("9-2", '{"type":"RUN_FINISHED"}', END), None, "r2")
+    other = Bus(redis_url, lease_s=5)
+    try:
+        # A client of r2 that read 9-1 from this replica resumes on the other one before r2's
+        # first batch is written: Redis still describes r1, which has ended.
+        reader = await RedisRunLog(other).read("a", "9-1")
+        assert reader is not None
+        got = [event_id async for event_id, _, _ in reader]
+        await reader.aclose()
+    finally:
+        await other.aclose()
+    assert got == ["9-2"]

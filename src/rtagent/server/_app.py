@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from agents import Agent
+from agents.memory import Session
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -63,7 +64,7 @@ from .._history import content_text, record_cut
 from .._loading import load_agent
 from .._models import ModelSpec, resolve_model
 from ._agui import AguiRun, dump, history_messages, log
-from ._bus import Bus, check_redis
+from ._bus import Bus, FencedSession, check_redis
 from ._engines import check_store, open_store
 from ._limits import (
     UNAVAILABLE,
@@ -141,7 +142,9 @@ class _Server:
         chat = self._chats.get(thread_id)
         if chat is None:
             self._make_room()
-            session = self.db.session(thread_id)  # no I/O: the history is read when a turn needs it
+            session: Session = self.db.session(thread_id)  # no I/O: read when a turn needs it
+            if self.bus is not None:
+                session = FencedSession(session, self.bus, thread_id)
             chat = Chat(self.agent, session=session, policy=self.policy, model=self.model)
             self._chats[thread_id] = chat
             self.metrics.sessions.set(len(self._chats))
@@ -204,8 +207,15 @@ class _Server:
         assert self.bus is not None
         if self._running.get(thread_id):
             return  # this replica holds it already; the chat orders the turns
-        await self.bus.acquire(thread_id, interrupt=self.policy == "interrupt")
+        await self._acquire(thread_id, interrupt=self.policy == "interrupt")
         await self._close_dead_run(thread_id)
+
+    async def _acquire(self, thread_id: str, *, interrupt: bool, timeout_s: float = 30.0) -> None:
+        assert self.bus is not None
+        token = await self.bus.acquire(thread_id, interrupt=interrupt, timeout_s=timeout_s)
+        session = self.chat(thread_id).session
+        assert isinstance(session, FencedSession)
+        session.hold(token)
 
     async def _close_dead_run(self, thread_id: str) -> None:
         assert isinstance(self.log, RedisRunLog)
@@ -230,7 +240,7 @@ class _Server:
             if self._running.get(thread_id):
                 return
             try:
-                await self.bus.acquire(thread_id, interrupt=False, timeout_s=1.0)
+                await self._acquire(thread_id, interrupt=False, timeout_s=1.0)
             except InputError:
                 return  # another replica took it meanwhile, and closes the run
             try:

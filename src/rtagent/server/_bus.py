@@ -8,8 +8,11 @@ turn wherever it runs. So:
   renews it every third of ``lease_s`` and deletes it when the turn's history is saved. Its value
   is a fencing token, a number that grows with every acquisition (``rtagent:fence:THREAD``) and
   the replica's id: the run log's writes check it in the same Redis script, so a replica that
-  paused past its lease (and lost it to another) cannot write after the new holder. A replica
-  that dies stops renewing: its lease expires within ``lease_s`` and another may take over.
+  paused past its lease (and lost it to another) cannot write after the new holder. The history
+  store is another engine, so its writes (``FencedSession``) check just before that the token is
+  still the thread's latest (``rtagent:taken:THREAD``, set with the lease): that leaves one round
+  trip, not the rest of a paused turn, in which a stale write could land. A replica that dies
+  stops renewing: its lease expires within ``lease_s`` and another may take over.
 - **a channel per replica** (``rtagent:replica:ID``): "interrupt this thread's turn" (a new
   message came to another replica), "stop it" and "a follower of it went away" reach the
   holder, found from the lease's value.
@@ -30,6 +33,8 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+from agents.items import TResponseInputItem
+from agents.memory import Session, SessionABC
 from redis.exceptions import RedisError
 
 from .._errors import RTAgentError
@@ -52,6 +57,16 @@ for i = 1, #KEYS do
 end
 return lost
 """
+# The lease, and the token as the thread's latest, which outlives the lease: a tool that ends
+# after its turn still writes its result, unless another turn of the thread has begun since.
+TAKE = """
+if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  redis.call('set', KEYS[2], ARGV[1], 'PX', ARGV[3])
+  return 1
+end
+return 0
+"""
+TAKEN_MS = 3_600_000
 RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 ENTER = """
 redis.call('zremrangebyscore', KEYS[1], '-inf', ARGV[1])
@@ -107,6 +122,7 @@ class Bus:
         self.held: dict[str, str] = {}  # thread -> the token of its lease here
         self._turns: set[str] = set()  # this replica's members of the turn set
         self._tasks: list[asyncio.Task[None]] = []
+        self._take = self.redis.register_script(TAKE)
         self._renew = self.redis.register_script(RENEW)
         self._release = self.redis.register_script(RELEASE)
         self._enter = self.redis.register_script(ENTER)
@@ -146,14 +162,14 @@ class Bus:
     async def acquire(self, thread_id: str, *, interrupt: bool, timeout_s: float = 30.0) -> str:
         """Take the thread's lease, asking its holder to interrupt its turn first (``interrupt``)
         or waiting for the turn to end; the fencing token."""
-        key = f"{PREFIX}lease:{thread_id}"
+        keys = [f"{PREFIX}lease:{thread_id}", f"{PREFIX}taken:{thread_id}"]
         fence = await self.redis.incr(f"{PREFIX}fence:{thread_id}")
         token = f"{fence}:{self.replica}"
         asked: str | None = None
         deadline = time.monotonic() + timeout_s
         pause = 0.005
-        while not await self.redis.set(key, token, nx=True, px=self.lease_ms):
-            holder = await self.redis.get(key)
+        while not await self._take(keys=keys, args=[token, self.lease_ms, TAKEN_MS]):
+            holder = await self.redis.get(keys[0])
             if interrupt and holder is not None and holder != asked:
                 await self.send(holder, "interrupt", thread_id)
                 asked = holder
@@ -243,3 +259,43 @@ class Bus:
     async def leave_turn(self, member: str) -> None:
         self._turns.discard(member)
         await self.redis.zrem(f"{PREFIX}turns", member)
+
+
+class FencedSession(SessionABC):
+    """A thread's history, written only while the token this replica last took the thread's lease
+    with is still the thread's latest: a replica that paused past its lease drops its turn's items
+    rather than append them after the new holder's."""
+
+    def __init__(self, session: Session, bus: Bus, thread_id: str) -> None:
+        self.inner = session
+        self.session_id = session.session_id
+        self.session_settings = session.session_settings
+        self.token: str | None = None  # set by ``hold`` when this replica takes the lease
+        self._bus = bus
+        self._thread_id = thread_id
+
+    def hold(self, token: str) -> None:
+        self.token = token
+
+    async def add_items(self, items: list[TResponseInputItem]) -> None:
+        try:
+            latest = await self._bus.redis.get(f"{PREFIX}taken:{self._thread_id}")
+        except (RedisError, OSError):
+            latest = self.token  # while Redis is away nobody takes the lease either: keep the write
+        if latest not in (None, self.token):
+            log.warning(
+                "thread %s is another replica's now: %d items of an earlier turn dropped",
+                self._thread_id,
+                len(items),
+            )
+            return
+        await self.inner.add_items(items)
+
+    async def get_items(self, limit: int | None = None) -> list[TResponseInputItem]:
+        return await self.inner.get_items(limit)
+
+    async def pop_item(self) -> TResponseInputItem | None:
+        return await self.inner.pop_item()
+
+    async def clear_session(self) -> None:
+        await self.inner.clear_session()

@@ -225,16 +225,23 @@ class RedisRunLog(RunLog):
         else:
             parse_id(after)
             batch = await self.redis.xrange(key, min=f"({after}", count=1000)
-        if not batch and await self._ended(thread_id):
+        if not batch and await self._ended(thread_id, after):
             return None
         await self.redis.incr(f"{PREFIX}watch:{thread_id}")
         await self.redis.expire(f"{PREFIX}watch:{thread_id}", 3600)
         entries = self._tail(thread_id, batch, after)
         return Reader(entries, lambda: self._unwatch_soon(thread_id))
 
-    async def _ended(self, thread_id: str) -> bool:
-        state: str | None = await self.redis.hget(f"{PREFIX}run:{thread_id}", "state")
-        return state != "running"
+    async def _ended(self, thread_id: str, last: str | None) -> bool:
+        """Whether the run of event ``last`` (else the latest) has ended. A run newer than the one
+        Redis describes is one whose first batch is still on its way: it has not ended while a
+        replica holds the thread."""
+        state, first = await self.redis.hmget(f"{PREFIX}run:{thread_id}", ["state", "first"])
+        if state == "running":
+            return False
+        if last is not None and (first is None or parse_id(last)[0] > parse_id(first)[0]):
+            return await self.bus.holder(thread_id) is None
+        return True
 
     async def _tail(self, thread_id: str, batch: list[Any], after: str | None) -> AsyncGenerator[Entry, None]:
         key = f"{PREFIX}log:{thread_id}"
@@ -246,13 +253,13 @@ class RedisRunLog(RunLog):
                 kind = int(fields.get("k", 0))
                 ended = kind == END or (ended and kind != START)
                 yield event_id, fields["e"], kind
-            if ended and await self._ended(thread_id):
+            if (ended or not batch) and await self._ended(thread_id, last):
                 more = await self.redis.xrange(key, min=f"({last}", count=1)
                 if not more:
                     return
             found = await self.redis.xread({key: last}, count=1000, block=BLOCK_MS)
             batch = found[0][1] if found else []
-            idle = not batch and not ended and not await self._ended(thread_id)
+            idle = not batch and not ended and not await self._ended(thread_id, last)
             if idle and await self.bus.holder(thread_id) is None and self.recover is not None:
                 await self.recover(thread_id)  # its replica died: close the run, keep its text
 
