@@ -7,11 +7,12 @@ import gc
 import weakref
 from typing import Any
 
+import pytest
 from agents import Agent, SQLiteSession, function_tool
 
 import rtagent
 from rtagent import TextDelta, ToolFinished, ToolStarted, TurnFailed, TurnFinished
-from rtagent._history import CUT_MARK, INTERRUPTED, STILL_RUNNING
+from rtagent._history import CUT_MARK, INTERRUPTED, NOT_ANSWERED, STILL_RUNNING
 from rtagent.testing import ScriptedModel, call, fail, reply, tool_calls
 
 WORDS = [f"w{i} " for i in range(500)]
@@ -266,3 +267,152 @@ async def test_stopping_a_queued_message_stops_the_reply_it_waits_for_and_keeps_
     assert history[0]["content"] == "first"  # type: ignore[typeddict-item]
     assert history[1]["status"] == "incomplete"  # type: ignore[typeddict-item]
     assert history[2]["content"] == "second"  # type: ignore[typeddict-item]
+
+
+# -- tool approvals (``needs_approval``) -----------------------------------------------------------
+
+refunds: list[str] = []
+
+
+@function_tool(needs_approval=True)
+async def refund(order: str) -> str:
+    """Refund an order."""
+    refunds.append(order)
+    await asyncio.sleep(0.05)
+    return f"refunded order {order}"
+
+
+async def big_ones(_context: Any, params: dict[str, Any], _call_id: str) -> bool:
+    return int(params.get("amount", 0)) > 100
+
+
+@function_tool(needs_approval=big_ones)
+async def pay(amount: int) -> str:
+    """Pay an amount."""
+    return f"paid {amount}"
+
+
+def approval_chat(*steps: Any, session: SQLiteSession | None = None) -> tuple[rtagent.Chat, ScriptedModel]:
+    refunds.clear()
+    model = ScriptedModel(list(steps))
+    agent = Agent(name="support", model=model, tools=[refund, pay])
+    return rtagent.Chat(agent, session=session or SQLiteSession("approvals")), model
+
+
+async def events_of(turn: rtagent.Turn) -> list[Any]:
+    return [event async for event in turn]
+
+
+async def test_a_call_that_needs_approval_pauses_the_turn_and_approving_runs_it_once() -> None:
+    chat, _ = approval_chat(
+        tool_calls(call("refund", {"order": "42"}), text="Let me check. "), reply("Done.")
+    )
+    first = await events_of(chat.send("refund order 42"))
+    kinds = [e.type for e in first]
+    assert "tool_started" not in kinds
+    assert "tool_finished" not in kinds
+    asked = [e for e in first if isinstance(e, rtagent.ApprovalRequested)]
+    assert [(a.call_id, a.name, a.arguments) for a in asked] == [("call_1", "refund", '{"order":"42"}')]
+    assert first[-1].result.pending == tuple(asked)
+    assert chat.pending == tuple(asked)
+    assert refunds == []
+
+    second = await events_of(chat.approve("call_1"))
+    assert [e.type for e in second if e.type.startswith("tool")] == ["tool_started", "tool_finished"]
+    assert "".join(e.text for e in second if isinstance(e, TextDelta)) == "Done."
+    assert isinstance(second[-1], TurnFinished)
+    assert second[-1].result.pending == ()
+    assert refunds == ["42"]
+    assert chat.pending == ()
+    assert_valid_input(await chat.history())
+
+
+async def test_rejecting_never_runs_the_tool_and_tells_the_model() -> None:
+    chat, model = approval_chat(tool_calls(call("refund", {"order": "42"})), reply("Understood."))
+    await chat.send("refund order 42").wait()
+    await chat.reject("call_1", message="The customer's manager said no.").wait()
+    assert refunds == []
+    told = model.calls[-1].input
+    assert {
+        "call_id": "call_1",
+        "output": "The customer's manager said no.",
+        "type": "function_call_output",
+    } in told
+    assert_valid_input(await chat.history())
+
+
+async def test_a_paused_run_continues_in_another_chat_on_the_same_history() -> None:
+    session = SQLiteSession("restart")
+    chat, _ = approval_chat(tool_calls(call("refund", {"order": "7"})), session=session)
+    result = await chat.send("refund order 7").wait()
+    assert result.state is not None
+    # As after a restart: a new agent, model and chat; only the history and the state string remain.
+    restarted, _ = approval_chat(reply("Refunded."), session=session)
+    await restarted.restore(result.state)
+    assert [p.call_id for p in restarted.pending] == ["call_1"]
+    resumed = await restarted.approve("call_1").wait()
+    assert resumed.text == "Refunded."
+    assert refunds == ["7"]
+    assert_valid_input(await restarted.history())
+
+
+async def test_two_waiting_calls_are_answered_one_at_a_time_in_either_order() -> None:
+    two = tool_calls(call("refund", {"order": "1"}), call("refund", {"order": "2"}))
+    chat, model = approval_chat(two, reply("One refunded, one not."))
+    await chat.send("refund 1 and 2").wait()
+    after_one = await chat.approve("call_2").wait()
+    assert refunds == ["2"]
+    assert [p.call_id for p in after_one.pending] == ["call_1"]  # paused again, no model call
+    assert len(model.calls) == 1
+    await chat.reject("call_1").wait()
+    assert refunds == ["2"]
+    assert len(model.calls) == 2
+    assert_valid_input(await chat.history())
+
+
+async def test_a_new_message_instead_of_an_answer_closes_the_waiting_call() -> None:
+    chat, _ = approval_chat(tool_calls(call("refund", {"order": "42"})), reply("Sure, what else?"))
+    await chat.send("refund order 42").wait()
+    turn = await chat.send("actually, never mind").wait()
+    assert turn.text == "Sure, what else?"
+    assert refunds == []
+    history = await chat.history()
+    assert_valid_input(history)
+    assert {"type": "function_call_output", "call_id": "call_1", "output": NOT_ANSWERED} in history
+    assert history[-2] == {"role": "user", "content": "actually, never mind"}
+    with pytest.raises(rtagent.ApprovalError, match="no tool call is waiting"):
+        chat.approve("call_1")
+
+
+async def test_an_answer_for_a_call_nothing_waits_for_is_an_approval_error() -> None:
+    chat, _ = approval_chat(tool_calls(call("refund", {"order": "42"})), reply("Done."))
+    await chat.send("refund order 42").wait()
+    with pytest.raises(rtagent.ApprovalError, match="'call_9'"):
+        chat.approve("call_9")
+    with pytest.raises(rtagent.ApprovalError, match="both"):
+        chat.resume(approved=["call_1"], rejected=["call_1"])
+    await chat.approve("call_1").wait()
+    with pytest.raises(rtagent.ApprovalError):
+        chat.approve("call_1")  # answered already
+
+
+async def test_interrupting_the_approved_tool_leaves_a_valid_history() -> None:
+    chat, _ = approval_chat(tool_calls(call("refund", {"order": "42"})), reply("never sent"))
+    await chat.send("refund order 42").wait()
+    async with chat.approve("call_1") as turn:
+        async for event in turn:
+            if isinstance(event, ToolStarted):
+                turn.interrupt()
+    assert turn.result.interrupted
+    assert_valid_input(await chat.history())
+
+
+async def test_a_rule_of_the_authors_asks_only_for_the_calls_it_picks() -> None:
+    calls = tool_calls(call("pay", {"amount": 5}), call("pay", {"amount": 500}))
+    chat, _ = approval_chat(calls, reply("Paid."))
+    events = await events_of(chat.send("pay 5 and 500"))
+    started = [e.call_id for e in events if isinstance(e, ToolStarted)]
+    asked = [e.call_id for e in events if isinstance(e, rtagent.ApprovalRequested)]
+    assert (started, asked) == (["call_1"], ["call_2"])
+    assert [e.call_id for e in events if isinstance(e, ToolFinished)] == ["call_1"]
+    assert (await chat.approve("call_2").wait()).text == "Paid."

@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._chat import Chat
-    from ._errors import AgentLoadError, ModelError, RTAgentError
+    from ._errors import AgentLoadError, ApprovalError, ModelError, RTAgentError
     from ._events import (
+        ApprovalRequested,
         Event,
         TextDelta,
         Thinking,
@@ -48,6 +49,8 @@ _EXPORTS = {
     "RTAgentError": "_errors",
     "AgentLoadError": "_errors",
     "ModelError": "_errors",
+    "ApprovalError": "_errors",
+    "ApprovalRequested": "_events",
     "Event": "_events",
     "Thinking": "_events",
     "TextDelta": "_events",
@@ -73,6 +76,8 @@ _EXPORTS = {
 
 __all__ = [
     "AgentLoadError",
+    "ApprovalError",
+    "ApprovalRequested",
     "Chat",
     "Event",
     "ModelError",

@@ -14,6 +14,10 @@ class ModelError(RTAgentError):
     """The model spec cannot be used: unknown form, missing key, missing file."""
 
 
+class ApprovalError(RTAgentError):
+    """An answer to an approval that nothing waits for: an unknown call, or one already answered."""
+
+
 class AgentLoadError(RTAgentError):
     """An agent reference (``file.py:name`` or ``package.module:name``) cannot be loaded."""
 

@@ -44,6 +44,22 @@ class ToolStarted:
 
 
 @dataclass(frozen=True, slots=True)
+class ApprovalRequested:
+    """A tool call that waits for a person to approve or reject it (``needs_approval``).
+
+    Sent the moment the call's arguments are complete when the tool always needs approval, else
+    when the SDK has decided that this call does. No ``ToolStarted`` precedes it: the tool has not
+    run. The turn ends with the call in ``result.pending``; ``Chat.approve`` / ``Chat.reject``
+    continue it.
+    """
+
+    call_id: str
+    name: str
+    arguments: str
+    type: Literal["approval_requested"] = field(default="approval_requested", init=False)
+
+
+@dataclass(frozen=True, slots=True)
 class ToolProgress:
     """A running tool's own report of what it is doing (see ``rtagent.progress``)."""
 
@@ -84,5 +100,12 @@ class TurnFailed:
 
 
 Event: TypeAlias = (
-    Thinking | TextDelta | ToolStarted | ToolProgress | ToolFinished | TurnFinished | TurnFailed
+    Thinking
+    | TextDelta
+    | ToolStarted
+    | ApprovalRequested
+    | ToolProgress
+    | ToolFinished
+    | TurnFinished
+    | TurnFailed
 )

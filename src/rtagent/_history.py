@@ -6,7 +6,8 @@ its ``cancel()`` discards the response in progress. rtagent writes what the user
 - the partial reply, exactly as delivered, as an assistant message with ``status: "incomplete"``;
 - each tool call of that response with its output, or ``INTERRUPTED`` if it had not finished, so
   the history stays valid for any OpenAI-compatible API (every call has an output);
-- for a tool that finishes in the background, its real output later, as a call/output pair.
+- for a tool that finishes in the background, its real output later, as a call/output pair;
+- for a call that waited for approval when the person sent a new message instead, ``NOT_ANSWERED``.
 
 Before a model sees the history, ``mark_cut_replies`` turns the ``incomplete`` status into words,
 so the model knows it was cut off; the session keeps the exact text for front ends.
@@ -27,6 +28,7 @@ from agents.run_config import CallModelData, CallModelInputFilter, ModelInputDat
 from ._errors import describe
 
 INTERRUPTED = "Interrupted by the user before the tool finished."
+NOT_ANSWERED = "Not run: the person did not answer the request to approve it and went on."
 STILL_RUNNING = "Still running in the background; its result will be added to the conversation."
 CUT_MARK = "[cut off: the user interrupted this reply]"
 
@@ -61,21 +63,33 @@ async def record_cut(
     cut just after that write: then the response, its text too, is already saved.
     """
     latest = await session.get_items(limit=2 * len(calls) + 4)
-    saved = {
-        item.get("call_id")
-        for item in latest
-        if isinstance(item, dict) and item.get("type") == "function_call"
-    }
+    saved = _call_ids(latest, "function_call")
+    answered = _call_ids(latest, "function_call_output")
     if calls:
         responded = any(call_id in saved for call_id, _, _ in calls)
     else:  # saved, its message is the latest item (before it: the user's message or a tool's output)
         responded = bool(latest) and _says(latest[-1], text)
     items: list[TResponseInputItem] = [cut_reply(text)] if text and not responded else []
     for call_id, name, arguments in calls:
+        output = outputs.get(call_id, INTERRUPTED)
         if call_id not in saved:
-            items += call_pair(call_id, name, arguments, outputs.get(call_id, INTERRUPTED))
+            items += call_pair(call_id, name, arguments, output)
+        elif call_id not in answered:  # saved by a run that paused before it (an approval)
+            items.append({"type": "function_call_output", "call_id": call_id, "output": output})
     if items:
         await session.add_items(items)
+
+
+def _call_ids(items: list[TResponseInputItem], kind: str) -> set[str]:
+    found: Any = (item for item in items if isinstance(item, dict) and item.get("type") == kind)
+    return {str(item.get("call_id")) for item in found}
+
+
+def not_answered(call_ids: Sequence[str]) -> list[TResponseInputItem]:
+    """The outputs of calls a person never approved or rejected: the conversation went on."""
+    return [
+        {"type": "function_call_output", "call_id": call_id, "output": NOT_ANSWERED} for call_id in call_ids
+    ]
 
 
 def _says(item: Any, text: str) -> bool:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agents.items import RunItem
+
+if TYPE_CHECKING:
+    from ._events import ApprovalRequested
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,3 +42,9 @@ class TurnResult:
     """The SDK's run items of this turn (empty when the turn was interrupted or failed early)."""
     final_output: Any = None
     """The SDK's ``final_output`` (``None`` when the turn did not finish normally)."""
+    pending: tuple[ApprovalRequested, ...] = ()
+    """Tool calls waiting for a person's approval: the turn paused before them."""
+    state: str | None = None
+    """The paused run, as the SDK's ``RunState.to_string()`` (without the run's context, which
+    the turn that continues it supplies): what continues it in another process or after a
+    restart (``Chat.restore``). ``None`` unless ``pending``."""

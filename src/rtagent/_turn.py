@@ -14,13 +14,13 @@ import asyncio
 import functools
 import json
 import time
-from collections.abc import AsyncIterator
-from dataclasses import replace
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any, TypedDict, Unpack
 
-from agents import Agent, ItemHelpers, RunConfig, RunHooks, Runner
-from agents.items import TResponseInputItem, TResponseStreamEvent
+from agents import Agent, FunctionTool, ItemHelpers, RunConfig, RunContextWrapper, RunHooks, Runner, RunState
+from agents.items import ToolApprovalItem, TResponseInputItem, TResponseStreamEvent
 from agents.memory import Session
 from agents.result import RunResultStreaming
 from openai.types.responses import (
@@ -34,6 +34,7 @@ from openai.types.responses import (
 from ._buffer import MAX_PENDING_EVENTS, EventBuffer
 from ._errors import describe
 from ._events import (
+    ApprovalRequested,
     Event,
     TextDelta,
     Thinking,
@@ -43,7 +44,7 @@ from ._events import (
     TurnFailed,
     TurnFinished,
 )
-from ._history import INTERRUPTED, STILL_RUNNING, record_cut, record_late, with_cut_marks
+from ._history import INTERRUPTED, STILL_RUNNING, not_answered, record_cut, record_late, with_cut_marks
 from ._models import ModelSpec, resolve_model
 from ._result import ToolTiming, TurnMetrics, TurnResult
 from ._tap import Tap
@@ -67,6 +68,20 @@ class TurnOptions(TypedDict, total=False):
     """Your own SDK run hooks; rtagent forwards every callback to them."""
 
 
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """A paused run to continue (``TurnResult.state``), with the person's answers: calls not in
+    ``approved`` or ``rejected`` stay pending, and the continued turn pauses again for them."""
+
+    state: str
+    approved: frozenset[str] = frozenset()
+    rejected: Mapping[str, str | None] = field(default_factory=dict)
+    """Each rejected call, with what the model is told of it (``None``: the SDK's own words)."""
+
+
+Input = str | list[TResponseInputItem] | Resume
+
+
 class Turn:
     """A running turn. Iterate it for events; ``result`` holds the outcome once it has ended.
 
@@ -78,7 +93,7 @@ class Turn:
     def __init__(
         self,
         agent: Agent[Any],
-        input: str | list[TResponseInputItem],
+        input: Input,
         *,
         after: Turn | None = None,
         **options: Unpack[TurnOptions],
@@ -111,6 +126,26 @@ class Turn:
         self._errors: dict[str, str] = {}
         self._kept: dict[str, tuple[str, str, asyncio.Future[Any]]] = {}
         self._tool_timings: list[ToolTiming] = []
+        # Each tool's ``needs_approval`` by name, and the calls that asked for it.
+        self._rules: dict[str, object] = {}
+        self._approvals: dict[str, ApprovalRequested] = {}
+        self._pending: tuple[ApprovalRequested, ...] = ()
+        self._state: str | None = None
+
+    @classmethod
+    def paused(
+        cls,
+        agent: Agent[Any],
+        pending: tuple[ApprovalRequested, ...],
+        state: str,
+        **options: Unpack[TurnOptions],
+    ) -> Turn:
+        """A turn that ended, paused for ``pending``, in another process (see ``Chat.restore``)."""
+        turn = cls(agent, "", **options)
+        turn._pending, turn._state = pending, state
+        turn._close(None)
+        turn._events = EventBuffer(MAX_PENDING_EVENTS)  # nobody reads it: its events are long gone
+        return turn
 
     # -- public surface -------------------------------------------------------------------------
 
@@ -214,6 +249,12 @@ class Turn:
             # whole conversation, turn by turn, alive as long as its chat.
             if self._after is not None:
                 await self._after._ended.wait()
+                paused = self._after._result.pending if self._after._result is not None else ()
+                if paused and not isinstance(self._input, Resume):
+                    # A new message instead of an answer: the calls waiting for one are closed, so
+                    # that the history stays valid for any model (every call has an output).
+                    message = ItemHelpers.input_to_new_input_list(self._input)
+                    self._input = not_answered([p.call_id for p in paused]) + message
                 self._after = None
             if not self._interrupted:
                 await self._run()
@@ -233,9 +274,16 @@ class Turn:
             model=Tap(resolve_model(options.get("model"), self.agent), self),
             call_model_input_filter=with_cut_marks(run_config.call_model_input_filter),
         )
+        agent = instrument(self.agent, self)
+        self._rules = {t.name: t.needs_approval for t in agent.tools if isinstance(t, FunctionTool)}
+        run_input: str | list[TResponseInputItem] | RunState[Any]
+        if isinstance(self._input, Resume):
+            run_input = await _resumed(agent, self._input, options.get("context"))
+        else:
+            run_input = self._input
         self._sdk = Runner.run_streamed(
-            instrument(self.agent, self),
-            self._input,
+            agent,
+            run_input,
             context=options.get("context"),
             max_turns=options.get("max_turns", DEFAULT_MAX_TURNS),
             hooks=ToolHooks(self, options.get("hooks")),
@@ -244,6 +292,18 @@ class Turn:
         )
         async for _ in self._sdk.stream_events():
             pass
+        if self._sdk.interruptions and not self._interrupted:
+            self._pause(self._sdk)
+
+    def _pause(self, sdk: RunResultStreaming) -> None:
+        """The run paused for approvals: ask for the ones not asked yet, keep the run's state."""
+        for item in sdk.interruptions:
+            call_id = _call_id(item)
+            if call_id not in self._approvals:
+                self._request_approval(call_id, item.name or "", item.arguments or "")
+        self._pending = tuple(self._approvals[_call_id(item)] for item in sdk.interruptions)
+        # Without the context: the continuing turn passes its own (which may not serialise).
+        self._state = sdk.to_state().to_string(context_serializer=lambda _context: {})
 
     async def _end(self, error: BaseException | None) -> None:
         cut = error is not None or self._interrupted
@@ -254,7 +314,7 @@ class Turn:
                 self._finish_tool(call_id, name, INTERRUPTED, "interrupted", started)
         # Calls announced but never started end too, so front ends can close every indicator.
         for call_id, name, _ in self._response_calls:
-            if call_id not in self._outputs:
+            if call_id in self._announced and call_id not in self._outputs:
                 self._finish_tool(call_id, name, INTERRUPTED, "interrupted", time.perf_counter())
         session = self._options.get("session")
         if cut and session is not None:
@@ -263,7 +323,8 @@ class Turn:
                 # The SDK saves the message only just before its first model call (and says so in
                 # this field alone): a turn cut before then, waiting for the turn before it or
                 # reading the history, would drop a message the user sent and saw.
-                if self._sdk is None or not self._sdk._stream_input_persisted:
+                persisted = self._sdk is not None and self._sdk._stream_input_persisted
+                if not persisted and not isinstance(self._input, Resume):
                     await session.add_items(ItemHelpers.input_to_new_input_list(self._input))
                 if self._response_text or self._response_calls:
                     await record_cut(session, "".join(self._response_text), self._response_calls, outputs)
@@ -308,6 +369,8 @@ class Turn:
             metrics=metrics,
             new_items=list(sdk.new_items) if sdk is not None else [],
             final_output=sdk.final_output if sdk is not None else None,
+            pending=self._pending if clean else (),
+            state=self._state if clean else None,
         )
 
     def _trim(self, chars: int) -> None:
@@ -322,9 +385,10 @@ class Turn:
         self._model_calls += 1
         self._response_text = []
         self._response_calls = []
-        if self._model_calls > 1:
-            # The turn's first Thinking went out at start; later model calls (after tools) get one
-            # too, so a front end can show that the agent is working on the tools' results.
+        if self._model_calls > 1 or self._announced:
+            # The turn's first Thinking went out at start; later model calls (after tools, which a
+            # continued run may start with) get one too, so a front end can show that the agent is
+            # working on the tools' results.
             self._events.put(Thinking())
 
     def _on_model_event(self, event: TResponseStreamEvent) -> None:
@@ -362,15 +426,33 @@ class Turn:
 
     def _announce(self, item_id: str) -> None:
         call_id, name, chunks = self._pending_calls.pop(item_id)
-        self._tool_started(call_id, name, "".join(chunks))
+        rule = self._rules.get(name, False)
+        if rule is True:
+            self._request_approval(call_id, name, "".join(chunks))
+        elif rule is False:
+            self._tool_started(call_id, name, "".join(chunks))
+        else:  # the author's own rule: the SDK asks it, then runs the call (``_on_tool_start``) or pauses
+            self._seen(call_id, name, "".join(chunks))
+
+    def _seen(self, call_id: str, name: str, arguments: str) -> str:
+        """Note a call of the response in progress (what an interrupt saves); its arguments, scrubbed."""
+        arguments = scrub(arguments)
+        if all(call_id != seen for seen, _, _ in self._response_calls):
+            self._response_calls.append((call_id, name, arguments))
+        return arguments
 
     def _tool_started(self, call_id: str, name: str, arguments: str) -> None:
         if call_id in self._announced:
             return
         self._announced.add(call_id)
-        arguments = scrub(arguments)
-        self._response_calls.append((call_id, name, arguments))
-        self._events.put(ToolStarted(call_id, name, arguments))
+        self._events.put(ToolStarted(call_id, name, self._seen(call_id, name, arguments)))
+
+    def _request_approval(self, call_id: str, name: str, arguments: str) -> None:
+        if call_id in self._approvals:
+            return
+        request = ApprovalRequested(call_id, name, self._seen(call_id, name, arguments))
+        self._approvals[call_id] = request
+        self._events.put(request)
 
     def _on_tool_start(self, call_id: str, name: str, arguments: str) -> None:
         # Models that do not stream their calls are only seen here.
@@ -401,6 +483,35 @@ class Turn:
         self._kept[call_id] = (name, arguments, task)
 
 
+async def _resumed(agent: Agent[Any], resume: Resume, context: Any) -> RunState[Any]:
+    """The paused run, on this turn's copy of the agent (whose tools report to it), answered."""
+    state: RunState[Any] = await RunState.from_string(
+        agent, resume.state, context_override=RunContextWrapper(context=context)
+    )
+    for item in state.get_interruptions():
+        call_id = _call_id(item)
+        if call_id in resume.approved:
+            state.approve(item)
+        elif call_id in resume.rejected:
+            state.reject(item, rejection_message=resume.rejected[call_id])
+    return state
+
+
+async def pending_of(agent: Agent[Any], state: str) -> tuple[ApprovalRequested, ...]:
+    """The calls a paused run (``TurnResult.state``) waits on."""
+    run_state: RunState[Any] = await RunState.from_string(
+        agent, state, context_override=RunContextWrapper(None)
+    )
+    return tuple(
+        ApprovalRequested(_call_id(item), item.name or "", item.arguments or "")
+        for item in run_state.get_interruptions()
+    )
+
+
+def _call_id(item: ToolApprovalItem) -> str:
+    return str(item.call_id or getattr(item.raw_item, "id", "") or "")
+
+
 def _is_json(text: str) -> bool:
     try:
         json.loads(text)
@@ -409,7 +520,7 @@ def _is_json(text: str) -> bool:
     return True
 
 
-def stream(agent: Agent[Any], input: str | list[TResponseInputItem], **options: Unpack[TurnOptions]) -> Turn:
+def stream(agent: Agent[Any], input: Input, **options: Unpack[TurnOptions]) -> Turn:
     """Start a realtime turn: ``async with rtagent.stream(agent, "hi") as turn: async for e in turn``."""
     return Turn(agent, input, **options)
 

@@ -15,11 +15,13 @@ Thinking           STEP_STARTED "thinking" (closed by the first text or tool cal
 TextDelta          TEXT_MESSAGE_START (first delta of a message), TEXT_MESSAGE_CONTENT
 ToolStarted        TEXT_MESSAGE_END (if text was open), TOOL_CALL_START/ARGS/END; the calls of one model
                    response share one ``parentMessageId``, so a client groups them in one message
+ApprovalRequested  the same TOOL_CALL_START/ARGS/END (the model made the call), no result
 ToolProgress       ACTIVITY_SNAPSHOT ``tool_progress`` {toolCallId, toolName, message, fraction, elapsedS}
 ToolFinished       TOOL_CALL_RESULT, ``metadata.rtagent`` = {durationS, error}; a final ACTIVITY_SNAPSHOT
                    (done) if the tool had reported progress
 TurnFinished       RUN_FINISHED, ``result`` = {text, interrupted, metrics}; an interrupted turn also has
-                   ``outcome: {"type": "cancelled"}``
+                   ``outcome: {"type": "cancelled"}``, a paused one ``{"type": "interrupt", "interrupts":
+                   [...]}``: one ``tool_approval`` interrupt per waiting call, its id the call's id
 TurnFailed         RUN_ERROR ``code: "agent_error"`` with the one-line reason
 =================  ====================================================================================
 """
@@ -38,12 +40,14 @@ from ag_ui.core import (
     BaseEvent,
     DeveloperMessage,
     FunctionCall,
+    Interrupt,
     Message,
     MessagesSnapshotEvent,
     ReasoningMessage,
     RunErrorEvent,
     RunFinishedCancelledOutcome,
     RunFinishedEvent,
+    RunFinishedInterruptOutcome,
     RunStartedEvent,
     StepFinishedEvent,
     StepStartedEvent,
@@ -64,7 +68,16 @@ from pydantic import Field, SerializerFunctionWrapHandler
 
 from .._chat import Chat
 from .._errors import describe
-from .._events import Event, TextDelta, Thinking, ToolFinished, ToolProgress, ToolStarted, TurnFinished
+from .._events import (
+    ApprovalRequested,
+    Event,
+    TextDelta,
+    Thinking,
+    ToolFinished,
+    ToolProgress,
+    ToolStarted,
+    TurnFinished,
+)
 from .._history import content_text, is_cut
 from .._result import TurnResult
 from .._turn import Turn
@@ -139,7 +152,7 @@ class RunMapper:
             if self._thinking_since is None:
                 self._thinking_since = time.monotonic()
                 out.append(StepStartedEvent(step_name="thinking"))
-        elif isinstance(event, ToolStarted):
+        elif isinstance(event, ToolStarted | ApprovalRequested):
             self._end_thinking(out)
             self._end_text(out)
             if self._parent is None:
@@ -178,7 +191,7 @@ class RunMapper:
             self._end_thinking(out)
             self._end_text(out)
             if isinstance(event, TurnFinished):
-                outcome = RunFinishedCancelledOutcome() if event.result.interrupted else None
+                outcome = _outcome(event.result)
                 out.append(
                     RunFinishedEvent(
                         thread_id=self._thread_id,
@@ -270,6 +283,33 @@ class AguiRun:
         """Interrupt the turn if it still runs and wait for it to end (its history is then saved)."""
         if self.turn is not None:
             await self.turn.aclose()
+
+
+# What a client sends back for a ``tool_approval`` interrupt (in ``ResumeEntry.payload``).
+APPROVAL_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"approved": {"type": "boolean"}, "message": {"type": "string"}},
+    "required": ["approved"],
+    "additionalProperties": False,
+}
+
+
+def _outcome(result: TurnResult) -> RunFinishedCancelledOutcome | RunFinishedInterruptOutcome | None:
+    if result.interrupted:
+        return RunFinishedCancelledOutcome()
+    if not result.pending:
+        return None
+    interrupts = [
+        Interrupt(
+            id=request.call_id,
+            reason="tool_approval",
+            message=f"Approve {request.name}({request.arguments})?",
+            tool_call_id=request.call_id,
+            response_schema=APPROVAL_SCHEMA,
+        )
+        for request in result.pending
+    ]
+    return RunFinishedInterruptOutcome(interrupts=interrupts)
 
 
 def result_json(result: TurnResult) -> dict[str, Any]:

@@ -59,11 +59,13 @@ from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
 from .._chat import Chat, Policy
-from .._errors import RTAgentError, describe
+from .._errors import ApprovalError, RTAgentError, describe
 from .._history import content_text, record_cut
 from .._loading import load_agent
 from .._models import ModelSpec, resolve_model
+from .._turn import Turn
 from ._agui import AguiRun, dump, history_messages, log
+from ._approvals import Answers, PausedRuns, answers_of
 from ._bus import Bus, FencedSession, check_redis
 from ._engines import check_store, open_store
 from ._limits import (
@@ -107,6 +109,7 @@ class _Server:
         self.agent = agent
         self.model = resolve_model(model, agent)  # a bad spec fails here, at start-up, in one line
         self.db = open_store(store, db_path)  # SQLite, PostgreSQL or Redis (see ``_engines``)
+        self.paused = PausedRuns(self.db)
         # With Redis, replicas share the threads: one turn per thread across them (see ``_bus``).
         self.bus = None if redis is None else Bus(redis, lease_s=lease_s, max_turns=limits.max_turns)
         self.policy: Policy = policy
@@ -169,8 +172,9 @@ class _Server:
             raise InputError(f"no conversation with thread id {thread_id!r}", 404, "unknown_thread")
         return chat
 
-    async def start_run(self, thread_id: str, run_id: str, text: str | None) -> Reader:
-        """Start a run of the thread (a turn for ``text``, else its history): its events to stream."""
+    async def start_run(self, thread_id: str, run_id: str, text: str | Answers | None) -> Reader:
+        """Start a run of the thread (a turn for ``text``, one continuing its paused run with these
+        ``Answers``, else its history): its events to stream."""
         chat = self.chat(thread_id)
         if text is None:
             return Reader(_unlogged(AguiRun(thread_id, run_id, chat, None, observe=self.metrics.observe)))
@@ -192,8 +196,42 @@ class _Server:
         else:
             self._running[thread_id] = self._running.get(thread_id, 0) + 1
         self.metrics.turns.inc()
-        run = AguiRun(thread_id, run_id, chat, chat.send(text), observe=self.metrics.observe)
-        return self.log.produce(run, text, functools.partial(self.turn_ended, thread_id))
+        try:
+            turn, paused = await self._turn(chat, thread_id, text)
+        except BaseException:
+            await self.turn_ended(thread_id)
+            raise
+        run = AguiRun(thread_id, run_id, chat, turn, observe=self.metrics.observe)
+        ended = functools.partial(self.run_ended, thread_id, turn, paused)
+        return self.log.produce(run, text if isinstance(text, str) else "", ended)
+
+    async def _turn(self, chat: Chat, thread_id: str, text: str | Answers) -> tuple[Turn, bool]:
+        """The chat's next turn, and whether it takes up a paused run (kept in the store until the
+        turn that answers it ends). A run paused on another replica, or before a restart, is the
+        store's: this replica holds the thread now, so what the store has is current."""
+        paused = bool(chat.pending)
+        if not paused and (chat.turn is None or chat.turn.done):
+            state = await self.paused.load(thread_id)
+            if state is not None:
+                await chat.restore(state)
+                paused = True
+        if isinstance(text, str):
+            return chat.send(text), paused
+        try:
+            return chat.resume(text.approved, text.rejected), paused
+        except ApprovalError as exc:
+            raise InputError(str(exc), 409, "not_pending") from None
+
+    async def run_ended(self, thread_id: str, turn: Turn, paused: bool) -> None:
+        """Keep the turn's paused run for whoever answers it; forget the one it took up."""
+        try:
+            state = turn.result.state if turn.done else None
+            if state is not None or paused:
+                await self.paused.save(thread_id, state)
+        except Exception:  # the turn's own outcome stands; the thread can still go on
+            log.exception("keeping the paused run of thread %s failed", thread_id)
+        finally:
+            await self.turn_ended(thread_id)
 
     def _claim_lock(self, thread_id: str) -> asyncio.Lock:
         lock = self._claiming.get(thread_id)
@@ -226,7 +264,8 @@ class _Server:
         session = self.chat(thread_id).session
         last = await session.get_items(limit=1)
         item: dict[str, Any] = last[0] if last else {}  # type: ignore[assignment]
-        if not (item.get("role") == "user" and content_text(item.get("content")) == dead.user):
+        # A run answering approvals had no user message of its own.
+        if dead.user and not (item.get("role") == "user" and content_text(item.get("content")) == dead.user):
             await session.add_items([{"role": "user", "content": dead.user}])
         if dead.text:
             await record_cut(session, dead.text, [], {})
@@ -304,7 +343,9 @@ class _Server:
         body = await read_body(request, self.limits.max_body_bytes)
         run_input, text = parse_run_input(body, self.limits)
         request.state.thread_id = run_input.thread_id
-        reader = await self.start_run(run_input.thread_id, run_input.run_id, text)
+        # A run with resume entries answers the interrupts of the thread's paused run.
+        ask = answers_of(run_input.resume) if run_input.resume else text
+        reader = await self.start_run(run_input.thread_id, run_input.run_id, ask)
         # Starlette only calls what an endpoint returns; the stream is an ASGI app, not a Response.
         return EventStream(reader, self)  # type: ignore[return-value]
 

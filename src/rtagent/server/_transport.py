@@ -15,6 +15,7 @@ from starlette.applications import Starlette
 from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from ._approvals import Answers, answers_command
 from ._limits import (
     InputError,
     Limits,
@@ -40,7 +41,7 @@ class Conversations(Protocol):
 
     log: RunLog
 
-    async def start_run(self, thread_id: str, run_id: str, text: str | None) -> Reader: ...
+    async def start_run(self, thread_id: str, run_id: str, text: str | Answers | None) -> Reader: ...
 
     async def interrupt(self, thread_id: str) -> bool: ...
 
@@ -146,11 +147,13 @@ class EventStream:
 class Socket:
     """The WebSocket transport: commands in, the same AG-UI events out, as JSON text frames.
 
-    Commands: ``{"type": "send", "text": ...}``, ``{"type": "stop"}`` and ``{"type": "resume",
+    Commands: ``{"type": "send", "text": ...}``, ``{"type": "stop"}``, ``{"type": "resume",
     "after": ID}`` (the events after ``ID``, or with ``null`` those of the thread's latest run, then
-    the live rest). Each logged event's frame carries its id as ``eventId``. Runs are streamed one
-    after another, so a message sent while a turn streams (which interrupts it, by the chat's
-    policy) gets its RUN_STARTED only after the earlier run's RUN_FINISHED.
+    the live rest) and ``{"type": "answer", "approved": [CALL_ID...], "rejected": [...], "message"?:
+    ...}`` (continues the run paused for these calls' approval, see ``_approvals``). Each logged
+    event's frame carries its id as ``eventId``. Runs are streamed one after another, so a message
+    sent while a turn streams (which interrupts it, by the chat's policy) gets its RUN_STARTED
+    only after the earlier run's RUN_FINISHED.
     """
 
     def __init__(self, server: Conversations, ws: WebSocket) -> None:
@@ -211,11 +214,19 @@ class Socket:
             if reader is not None:
                 self._queue(reader)
             return
-        if kind != "send":
-            commands = '{"type": "send", "text": "..."}, {"type": "stop"}, {"type": "resume", "after": ID}'
+        if kind not in ("send", "answer"):
+            commands = (
+                '{"type": "send", "text": "..."}, {"type": "stop"}, {"type": "resume", "after": ID}, '
+                '{"type": "answer", "approved": [...], "rejected": [...]}'
+            )
             raise InputError(f"a command is one of {commands}")
-        if not isinstance(command.get("text"), str):
+        if kind == "send" and not isinstance(command.get("text"), str):
             raise InputError('"text" must be a string')
+        ask = (
+            answers_command(command)
+            if kind == "answer"
+            else check_text(command["text"], limits.max_message_chars)
+        )
         run_id = command.get("runId") or uuid.uuid4().hex
         if not isinstance(run_id, str) or len(run_id) > 128:
             raise InputError('"runId" must be a string of at most 128 characters')
@@ -223,8 +234,7 @@ class Socket:
         wait = await limiter.wait(client_of(self.ws.scope)) if limiter is not None else 0.0
         if wait > 0:
             raise InputError(f"too many messages; try again in {wait:.1f} s", 429, "rate_limited")
-        new = check_text(command["text"], limits.max_message_chars)
-        self._queue(await self.server.start_run(self.thread_id, run_id, new))
+        self._queue(await self.server.start_run(self.thread_id, run_id, ask))
 
     def _queue(self, reader: Reader) -> None:
         self.live.append(reader)
