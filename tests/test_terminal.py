@@ -204,6 +204,51 @@ def test_ctrl_c_interrupts_a_running_tool(chat: pexpect.spawn[str]) -> None:
     chat.expect_exact("You said: ok")
 
 
+APPROVE = 'approve refund(order="42")? [y/N]'
+
+
+def test_a_call_that_needs_approval_is_asked_inline_and_runs_once_approved(chat: pexpect.spawn[str]) -> None:
+    say(chat, "refund my order")
+    chat.expect_exact(APPROVE)
+    chat.sendline("y")
+    chat.expect(r"✓ refund \(0\.\ds\): Order 42 refunded\.")
+    chat.expect_exact("That is settled.")
+    say(chat, "thanks")
+    chat.expect_exact("You said: thanks (message 2)")
+
+
+def test_a_rejected_call_never_runs_and_the_reply_goes_on(chat: pexpect.spawn[str]) -> None:
+    say(chat, "refund my order")
+    chat.expect_exact(APPROVE)
+    chat.sendline("")  # the default: no
+    chat.expect_exact("That is settled.")
+    assert "refunded" not in str(chat.before)
+
+
+def test_ctrl_c_at_an_approval_puts_it_away_and_the_next_message_goes_on(chat: pexpect.spawn[str]) -> None:
+    say(chat, "refund my order")
+    chat.expect_exact(APPROVE)
+    chat.sendintr()
+    say(chat, "never mind")
+    chat.expect_exact("You said: never mind (message 2)")
+    assert "refunded" not in str(chat.before)
+
+
+def test_approvals_answered_by_piped_lines() -> None:
+    piped = subprocess.run(
+        [str(RTAGENT), "chat", AGENT],
+        input="refund it\ny\n",
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
+    assert piped.returncode == 0, piped.stderr
+    assert "✓ refund" in piped.stdout
+    assert "That is settled." in piped.stdout
+
+
 def test_ctrl_c_at_the_prompt_does_not_leave(chat: pexpect.spawn[str]) -> None:
     chat.expect(PROMPT)
     chat.sendintr()

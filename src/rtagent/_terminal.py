@@ -11,6 +11,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
+import json
 import os
 import shutil
 import signal
@@ -26,6 +27,7 @@ from prompt_toolkit import PromptSession
 from prompt_toolkit.application import get_app_or_none, run_in_terminal
 
 from ._events import (
+    ApprovalRequested,
     Event,
     TextDelta,
     Thinking,
@@ -111,6 +113,10 @@ class _Screen:
                 self._waiting = None
                 self._write(text)
                 self._mid_line = not text.endswith("\n")
+            case ApprovalRequested():
+                self._waiting = None  # asked once the reply has ended
+                self._end_line()
+                self.draw()
             case ToolStarted(call_id=call_id, name=name):
                 self._waiting = None
                 self._tools[call_id] = _Tool(name, time.monotonic())
@@ -226,6 +232,18 @@ class _Screen:
         return f"\x1b[{sgr}m{text}\x1b[0m" if self._color else text
 
 
+def call_text(request: ApprovalRequested) -> str:
+    """A call as a person reads it: ``refund(order="42")``."""
+    try:
+        arguments = json.loads(request.arguments or "{}")
+    except ValueError:
+        arguments = None
+    if not isinstance(arguments, dict):
+        return f"{request.name}({request.arguments})"
+    shown = ", ".join(f"{key}={json.dumps(value, ensure_ascii=False)}" for key, value in arguments.items())
+    return f"{request.name}({shown})"
+
+
 def _width() -> int:
     # One column short of the edge: a line that fills the row makes some terminals wrap early.
     return max(shutil.get_terminal_size().columns - 1, 20)
@@ -254,10 +272,18 @@ class _Chat:
         self._stop: asyncio.Future[None] | None = None
         self._draft = ""
         self._quit: str | None = None
+        self._dismissed: Turn | None = None  # the paused turn whose questions Ctrl-C put away
 
     async def run(self) -> int:
         while self._quit is None and self._failure() is None:
             self._show_banner(print)
+            try:
+                resumed = await self._ask_approvals()
+            except EOFError:
+                break
+            if resumed is not None:
+                await self._reply(_Message("", resumed, shown=True))
+                continue
             draft, self._draft = self._draft, ""
             try:
                 text = (await self._read(draft)).strip()
@@ -268,7 +294,8 @@ class _Chat:
             if text in QUIT_WORDS:
                 break
             if text and self._failure() is None:
-                await self._reply(text)
+                # A line read from a pipe was never on the screen, as one typed at the prompt is.
+                await self._reply(_Message(text, shown=self._prompt is not None))
         if self._prompt is None:
             # Input from a file or a program can end before the agent has loaded, and nobody saw
             # the prompt: the exit status is the only way the caller learns the agent is broken.
@@ -278,9 +305,29 @@ class _Chat:
             return 2
         return 0
 
-    async def _read(self, draft: str) -> str:
+    async def _ask_approvals(self) -> Turn | None:
+        """Ask about each call the last reply paused for; the turn that continues it with the
+        answers, or ``None`` if nothing waits (or Ctrl-C put the questions away: the next message
+        then goes on without those calls)."""
+        if not self._loading.done() or self._failure() is not None:
+            return None
+        chat = self._loading.result().chat
+        if not chat.pending or chat.turn is self._dismissed:
+            return None
+        approved: list[str] = []
+        rejected: list[str] = []
+        try:
+            for request in chat.pending:
+                answer = await self._read("", f"approve {call_text(request)}? [y/N] ")
+                (approved if answer.strip().lower() in ("y", "yes") else rejected).append(request.call_id)
+        except KeyboardInterrupt:
+            self._dismissed = chat.turn
+            return None
+        return chat.resume(approved, rejected)
+
+    async def _read(self, draft: str, prompt: str = "> ") -> str:
         if self._prompt is not None:
-            typed: str = await self._prompt.prompt_async("> ", default=draft)
+            typed: str = await self._prompt.prompt_async(prompt, default=draft)
             return typed
         line: str = await _in_daemon_thread(sys.stdin.readline)
         if not line:
@@ -307,14 +354,13 @@ class _Chat:
         self._banner_shown = True
         say(self._loading.result().banner)
 
-    async def _reply(self, text: str) -> None:
-        """Answer ``text``, then each message typed and sent while a reply streams: every one cuts
+    async def _reply(self, first: _Message) -> None:
+        """Answer ``first``, then each message typed and sent while a reply streams: every one cuts
         the reply before it short (``Chat``'s interrupt policy) and is answered right after it."""
         loop = asyncio.get_running_loop()
         screen = _Screen(sys.stdout)
         editor = LineEditor(on_change=screen.typing, on_enter=self._on_enter, on_interrupt=self._interrupt)
-        # A line read from a pipe was never on the screen, as one typed at the prompt is.
-        self._waiting.append(_Message(text, shown=self._prompt is not None))
+        self._waiting.append(first)
         # Ctrl-C is a key while keys are read; when stdin is not a terminal it is still a signal.
         previous = signal.getsignal(signal.SIGINT)
         loop.add_signal_handler(signal.SIGINT, self._interrupt)

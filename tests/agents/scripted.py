@@ -6,6 +6,7 @@ both      two tools at once
 broken    a tool that raises
 long      a long reply streamed slowly (something to interrupt)
 fail      the model fails in the middle of its reply
+refund    a call to a tool that needs a person's approval, then a reply
 think     a reply that takes 0.8 s to start
 otherwise an echo that counts the user's messages, which shows the history is kept, and says
           where the model's last reply was cut off, if it was (what the history kept of it)
@@ -41,6 +42,12 @@ async def search(query: str) -> str:
     return f"3 books about {query}"
 
 
+@function_tool(needs_approval=True)
+async def refund(order: str) -> str:
+    """Refund an order: a person approves each one."""
+    return f"Order {order} refunded."
+
+
 @function_tool
 async def broken() -> str:
     """Always fails."""
@@ -61,6 +68,8 @@ def _script(text: str, messages: int, last_reply: str) -> list[Step]:
     if "both" in text:
         calls = tool_calls(call("delayed_lookup", {"query": "y"}), call("search", {"query": "dogs"}))
         return [calls, reply("Both done.", delay=0.02)]
+    if "refund" in text:
+        return [tool_calls(call("refund", {"order": "42"})), reply("That is settled.", delay=0.02)]
     if "broken" in text:
         return [tool_calls(call("broken")), reply("The tool failed, sorry.", delay=0.02)]
     if "long" in text:
@@ -109,6 +118,6 @@ class ByKeyword(Model):
         return self._for(input).stream_response(system_instructions, input, *args, **kwargs)
 
 
-agent = Agent(name="Scripted", model=ByKeyword(), tools=[delayed_lookup, search, broken])
+agent = Agent(name="Scripted", model=ByKeyword(), tools=[delayed_lookup, search, broken, refund])
 
 not_an_agent = 42
