@@ -153,7 +153,7 @@ async def test_bad_answers_are_one_line_4xx_errors(tmp_path: Path) -> None:
     assert (nothing.status_code, nothing.json()["error"]) == (409, "not_pending")
     assert (unknown.status_code, unknown.json()["error"]) == (409, "not_pending")
     assert "'call_9'" in unknown.json()["message"]
-    assert (malformed.status_code, malformed.json()["error"]) == (400, "bad_resume")
+    assert (malformed.status_code, malformed.json()["error"]) == (422, "bad_resume")
     assert ok[-1]["type"] == "RUN_FINISHED"
     assert again.status_code == 409
     assert refunds == ["42"]

@@ -53,12 +53,13 @@ class Chat:
         """The latest turn (running or ended), if any."""
         return self._turn
 
-    def send(self, text: str, *, policy: Policy | None = None) -> Turn:
-        """Start a turn for ``text`` (needs a running event loop); iterate the turn for its events."""
+    def send(self, text: str, *, policy: Policy | None = None, **options: Unpack[TurnOptions]) -> Turn:
+        """Start a turn for ``text`` (needs a running event loop); iterate the turn for its events.
+        ``options`` override the chat's for this turn (its ``context`` or extra ``tools``)."""
         previous = self._turn
         if previous is not None and (policy or self.policy) == "interrupt":
             previous.interrupt()
-        turn = Turn(self.agent, text, after=previous, **self._options)
+        turn = Turn(self.agent, text, after=previous, **self._with(options))
         self._turn = turn
         # Started at once, so that a conversation moves on whether or not anyone reads this turn.
         turn.start()
@@ -84,6 +85,7 @@ class Chat:
         rejected: Iterable[str] | Mapping[str, str | None] = (),
         *,
         message: str | None = None,
+        **options: Unpack[TurnOptions],
     ) -> Turn:
         """Continue the paused turn from the SDK's run state with the person's answers. Calls left
         unanswered stay pending: the new turn runs the answered ones and pauses again for them.
@@ -101,7 +103,8 @@ class Chat:
                 raise ApprovalError(f"tool call {call_id!r} cannot be both approved and rejected")
         if not yes | no:
             raise ApprovalError("approve or reject at least one of the waiting calls")
-        resumed = Turn(self.agent, Resume(turn.result.state, yes, reasons), after=turn, **self._options)
+        resume = Resume(turn.result.state, yes, reasons)
+        resumed = Turn(self.agent, resume, after=turn, **self._with(options))
         self._turn = resumed
         resumed.start()
         return resumed
@@ -110,6 +113,10 @@ class Chat:
         """Take up a paused run saved elsewhere (``TurnResult.state``: another process, before a
         restart); ``pending`` then lists its calls. The history must be this chat's session."""
         self._turn = Turn.paused(self.agent, await pending_of(self.agent, state), state, **self._options)
+
+    def _with(self, options: TurnOptions) -> TurnOptions:
+        merged: TurnOptions = {**self._options, **options}
+        return merged
 
     async def history(self) -> list[TResponseInputItem]:
         """Every item of the conversation, as the session holds it."""

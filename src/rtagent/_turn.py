@@ -11,10 +11,11 @@ and the final result live behind it.
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import json
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any, TypedDict, Unpack
@@ -23,6 +24,7 @@ from agents import Agent, FunctionTool, ItemHelpers, RunConfig, RunContextWrappe
 from agents.items import ToolApprovalItem, TResponseInputItem, TResponseStreamEvent
 from agents.memory import Session
 from agents.result import RunResultStreaming
+from agents.tool import Tool
 from openai.types.responses import (
     ResponseFunctionCallArgumentsDeltaEvent,
     ResponseFunctionToolCall,
@@ -66,6 +68,8 @@ class TurnOptions(TypedDict, total=False):
     run_config: RunConfig | None
     hooks: RunHooks[Any] | None
     """Your own SDK run hooks; rtagent forwards every callback to them."""
+    tools: Sequence[Tool]
+    """Tools this turn adds to the agent's own (an AG-UI client's, for instance)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,7 +278,11 @@ class Turn:
             model=Tap(resolve_model(options.get("model"), self.agent), self),
             call_model_input_filter=with_cut_marks(run_config.call_model_input_filter),
         )
-        agent = instrument(self.agent, self)
+        agent = self.agent
+        if options.get("tools"):
+            agent = copy.copy(agent)  # the author's agent stays as it is
+            agent.tools = [*agent.tools, *options.get("tools", ())]
+        agent = instrument(agent, self)
         self._rules = {t.name: t.needs_approval for t in agent.tools if isinstance(t, FunctionTool)}
         run_input: str | list[TResponseInputItem] | RunState[Any]
         if isinstance(self._input, Resume):

@@ -48,6 +48,7 @@ from ag_ui.core import (
     RunFinishedCancelledOutcome,
     RunFinishedEvent,
     RunFinishedInterruptOutcome,
+    RunFinishedSuccessOutcome,
     RunStartedEvent,
     StepFinishedEvent,
     StepStartedEvent,
@@ -76,11 +77,13 @@ from .._events import (
     ToolFinished,
     ToolProgress,
     ToolStarted,
+    TurnFailed,
     TurnFinished,
 )
 from .._history import content_text, is_cut
 from .._result import TurnResult
 from .._turn import Turn
+from ._frontend import SharedState
 
 METADATA_KEY = "rtagent"
 """Our key in AG-UI ``metadata`` objects (the ``ag-ui`` key is reserved for the protocol)."""
@@ -111,6 +114,7 @@ class RunMapper:
 
     __slots__ = (
         "_calls",
+        "_client_tools",
         "_counter",
         "_parent",
         "_progressed",
@@ -120,9 +124,10 @@ class RunMapper:
         "_thread_id",
     )
 
-    def __init__(self, thread_id: str, run_id: str) -> None:
+    def __init__(self, thread_id: str, run_id: str, client_tools: frozenset[str] = frozenset()) -> None:
         self._thread_id = thread_id
         self._run_id = run_id
+        self._client_tools = client_tools  # their calls are the client's to run and show
         self._counter = 0
         self._text: str | None = None  # the open text message
         self._parent: str | None = None  # the message the current model response's tool calls belong to
@@ -137,6 +142,8 @@ class RunMapper:
 
     def map(self, event: Event) -> list[BaseEvent]:
         out: list[BaseEvent] = []
+        if isinstance(event, ToolStarted | ToolFinished) and event.name in self._client_tools:
+            return out  # the client ran this call itself, and sent its result
         if isinstance(event, TextDelta):
             if not event.text:
                 return out
@@ -191,7 +198,7 @@ class RunMapper:
             self._end_thinking(out)
             self._end_text(out)
             if isinstance(event, TurnFinished):
-                outcome = _outcome(event.result)
+                outcome = _outcome(event.result, self._client_tools)
                 out.append(
                     RunFinishedEvent(
                         thread_id=self._thread_id,
@@ -233,7 +240,7 @@ class AguiRun:
 
     Without a new user message (``turn`` is ``None``) the run answers with the conversation instead
     (MESSAGES_SNAPSHOT), which is how an AG-UI client can reload a thread. ``observe`` sees every
-    rtagent event but text deltas.
+    rtagent event but text deltas. ``client_tools`` and ``state``: see ``_frontend``.
     """
 
     def __init__(
@@ -244,15 +251,19 @@ class AguiRun:
         turn: Turn | None,
         *,
         observe: Callable[[Event], None],
+        client_tools: frozenset[str] = frozenset(),
+        state: SharedState | None = None,
     ) -> None:
         self.thread_id = thread_id
         self.run_id = run_id
         self.chat = chat
         self.turn = turn
         self._observe = observe
+        self._client_tools = client_tools
+        self._state = state
 
     async def events(self) -> AsyncIterator[BaseEvent]:
-        mapper = RunMapper(self.thread_id, self.run_id)
+        mapper = RunMapper(self.thread_id, self.run_id, self._client_tools)
         turn = self.turn
         yield mapper.started()
         if turn is None:
@@ -261,9 +272,17 @@ class AguiRun:
             if isinstance(snapshot, MessagesSnapshotEvent):
                 yield RunFinishedEvent(thread_id=self.thread_id, run_id=self.run_id)
             return
-        observe = self._observe
+        observe, state = self._observe, self._state
+        if state is not None:
+            for out in state.snapshot():
+                yield out
         async for event in turn:
-            for out in mapper.map(event):
+            mapped = mapper.map(event)
+            if state is not None and isinstance(event, ToolFinished | TurnFinished | TurnFailed):
+                # After a tool's result; before the run's end, which nothing may follow.
+                at = len(mapped) if isinstance(event, ToolFinished) else len(mapped) - 1
+                mapped[at:at] = state.changes()
+            for out in mapped:
                 yield out
             if type(event) is not TextDelta:
                 observe(event)
@@ -294,11 +313,16 @@ APPROVAL_SCHEMA: dict[str, Any] = {
 }
 
 
-def _outcome(result: TurnResult) -> RunFinishedCancelledOutcome | RunFinishedInterruptOutcome | None:
+Outcome = RunFinishedCancelledOutcome | RunFinishedInterruptOutcome | RunFinishedSuccessOutcome
+
+
+def _outcome(result: TurnResult, client_tools: frozenset[str]) -> Outcome | None:
     if result.interrupted:
         return RunFinishedCancelledOutcome()
-    if not result.pending:
-        return None
+    approvals = [request for request in result.pending if request.name not in client_tools]
+    if not approvals:
+        calls = [request.call_id for request in result.pending if request.name in client_tools]
+        return RunFinishedSuccessOutcome(pending_tool_call_ids=calls) if calls else None
     interrupts = [
         Interrupt(
             id=request.call_id,
@@ -307,7 +331,7 @@ def _outcome(result: TurnResult) -> RunFinishedCancelledOutcome | RunFinishedInt
             tool_call_id=request.call_id,
             response_schema=APPROVAL_SCHEMA,
         )
-        for request in result.pending
+        for request in approvals
     ]
     return RunFinishedInterruptOutcome(interrupts=interrupts)
 

@@ -63,11 +63,12 @@ from .._errors import ApprovalError, RTAgentError, describe
 from .._history import content_text, record_cut
 from .._loading import load_agent
 from .._models import ModelSpec, resolve_model
-from .._turn import Turn
+from .._turn import Turn, TurnOptions
 from ._agui import AguiRun, dump, history_messages, log
 from ._approvals import Answers, PausedRuns, answers_of
 from ._bus import Bus, FencedSession, check_redis
 from ._engines import check_store, open_store
+from ._frontend import NO_FRONTEND, Frontend, frontend_tools, tool_results
 from ._limits import (
     UNAVAILABLE,
     AccessLog,
@@ -172,9 +173,11 @@ class _Server:
             raise InputError(f"no conversation with thread id {thread_id!r}", 404, "unknown_thread")
         return chat
 
-    async def start_run(self, thread_id: str, run_id: str, text: str | Answers | None) -> Reader:
+    async def start_run(
+        self, thread_id: str, run_id: str, text: str | Answers | None, frontend: Frontend = NO_FRONTEND
+    ) -> Reader:
         """Start a run of the thread (a turn for ``text``, one continuing its paused run with these
-        ``Answers``, else its history): its events to stream."""
+        ``Answers``, else its history), with the client's tools and state: its events to stream."""
         chat = self.chat(thread_id)
         if text is None:
             return Reader(_unlogged(AguiRun(thread_id, run_id, chat, None, observe=self.metrics.observe)))
@@ -197,15 +200,20 @@ class _Server:
             self._running[thread_id] = self._running.get(thread_id, 0) + 1
         self.metrics.turns.inc()
         try:
-            turn, paused = await self._turn(chat, thread_id, text)
+            turn, paused = await self._turn(chat, thread_id, text, frontend)
         except BaseException:
             await self.turn_ended(thread_id)
             raise
-        run = AguiRun(thread_id, run_id, chat, turn, observe=self.metrics.observe)
+        observe = self.metrics.observe
+        run = AguiRun(
+            thread_id, run_id, chat, turn, observe=observe, client_tools=frontend.names, state=frontend.state
+        )
         ended = functools.partial(self.run_ended, thread_id, turn, paused)
         return self.log.produce(run, text if isinstance(text, str) else "", ended)
 
-    async def _turn(self, chat: Chat, thread_id: str, text: str | Answers) -> tuple[Turn, bool]:
+    async def _turn(
+        self, chat: Chat, thread_id: str, text: str | Answers, frontend: Frontend
+    ) -> tuple[Turn, bool]:
         """The chat's next turn, and whether it takes up a paused run (kept in the store until the
         turn that answers it ends). A run paused on another replica, or before a restart, is the
         store's: this replica holds the thread now, so what the store has is current."""
@@ -215,10 +223,16 @@ class _Server:
             if state is not None:
                 await chat.restore(state)
                 paused = True
+        results = text.results if isinstance(text, Answers) else {}
+        options: TurnOptions = {}
+        if frontend.tools:
+            options["tools"] = frontend_tools(self.agent, frontend.tools, results)
+        if frontend.state is not None:
+            options["context"] = frontend.state.value
         if isinstance(text, str):
-            return chat.send(text), paused
+            return chat.send(text, **options), paused
         try:
-            return chat.resume(text.approved, text.rejected), paused
+            return chat.resume(text.approved, text.rejected, **options), paused
         except ApprovalError as exc:
             raise InputError(str(exc), 409, "not_pending") from None
 
@@ -343,9 +357,11 @@ class _Server:
         body = await read_body(request, self.limits.max_body_bytes)
         run_input, text = parse_run_input(body, self.limits)
         request.state.thread_id = run_input.thread_id
-        # A run with resume entries answers the interrupts of the thread's paused run.
-        ask = answers_of(run_input.resume) if run_input.resume else text
-        reader = await self.start_run(run_input.thread_id, run_input.run_id, ask)
+        # Resume entries, or results of the client's tools, answer the thread's paused run.
+        results = tool_results(run_input)
+        ask = answers_of(run_input.resume or [], results) if run_input.resume or results else text
+        frontend = Frontend.of(run_input)
+        reader = await self.start_run(run_input.thread_id, run_input.run_id, ask, frontend)
         # Starlette only calls what an endpoint returns; the stream is an ASGI app, not a Response.
         return EventStream(reader, self)  # type: ignore[return-value]
 

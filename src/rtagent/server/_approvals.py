@@ -32,10 +32,13 @@ class Answers:
 
     approved: frozenset[str] = frozenset()
     rejected: dict[str, str | None] = field(default_factory=dict)
+    results: dict[str, str] = field(default_factory=dict)
+    """What the client's own tools returned (see ``_frontend``): those calls are approved too."""
 
 
-def answers_of(entries: Sequence[ResumeEntry]) -> Answers:
-    """The answers in AG-UI resume entries; a malformed one is a 400."""
+def answers_of(entries: Sequence[ResumeEntry], results: dict[str, str]) -> Answers:
+    """The answers in AG-UI resume entries, and the client tools' ``results``; a malformed entry
+    is a 422."""
     approved: set[str] = set()
     rejected: dict[str, str | None] = {}
     for entry in entries:
@@ -52,21 +55,21 @@ def answers_of(entries: Sequence[ResumeEntry]) -> Answers:
             approved.add(entry.interrupt_id)
         else:
             rejected[entry.interrupt_id] = message or None
-    return Answers(frozenset(approved), rejected)
+    return Answers(frozenset(approved | results.keys()), rejected, results)
 
 
 def _bad(entry: ResumeEntry, what: str) -> InputError:
-    return InputError(f"resume entry {entry.interrupt_id[:80]!r}: {what}", 400, "bad_resume")
+    return InputError(f"resume entry {entry.interrupt_id[:80]!r}: {what}", 422, "bad_resume")
 
 
 def answers_command(command: dict[str, Any]) -> Answers:
-    """The answers of a WebSocket ``answer`` command; a malformed one is a 400."""
+    """The answers of a WebSocket ``answer`` command; a malformed one is a 422."""
     lists = [command.get("approved", []), command.get("rejected", [])]
     if not all(isinstance(ids, list) and all(isinstance(i, str) for i in ids) for ids in lists):
-        raise InputError('"approved" and "rejected" must be lists of tool call ids', 400, "bad_answer")
+        raise InputError('"approved" and "rejected" must be lists of tool call ids', 422, "bad_answer")
     message = command.get("message")
     if message is not None and not isinstance(message, str):
-        raise InputError('"message" must be a string', 400, "bad_answer")
+        raise InputError('"message" must be a string', 422, "bad_answer")
     return Answers(frozenset(lists[0]), dict.fromkeys(lists[1], message or None))
 
 

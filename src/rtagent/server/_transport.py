@@ -41,7 +41,9 @@ class Conversations(Protocol):
 
     log: RunLog
 
-    async def start_run(self, thread_id: str, run_id: str, text: str | Answers | None) -> Reader: ...
+    async def start_run(self, thread_id: str, run_id: str, text: str | Answers | None) -> Reader:
+        """See ``_app``; the WebSocket brings no client tools or state."""
+        ...
 
     async def interrupt(self, thread_id: str) -> bool: ...
 
