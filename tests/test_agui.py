@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 from ag_ui.core import BaseEvent, Event, TextMessageContentEvent, UserMessage
 from ag_ui.encoder import EventEncoder
-from agents import Agent, SQLiteSession, function_tool
+from ag_ui_validate import ValidatorOptions
+from ag_ui_validate.transport import TransportOptions, validate_endpoint
+from agents import Agent, RunContextWrapper, SQLiteSession, function_tool
 from pydantic import TypeAdapter
+from test_server import serving
 
 import rtagent
+from rtagent import create_app
 from rtagent._events import (
     TextDelta,
     Thinking,
@@ -245,3 +250,71 @@ async def test_a_real_turns_history_round_trips() -> None:
     assert isinstance(messages[0], UserMessage)
     assert [m.role for m in messages] == ["user", "assistant", "tool", "assistant"]
     assert messages[2].content == "data on x"
+
+
+# -- conformance: ag-ui-validate against a live server ---------------------------------------------
+
+
+@function_tool
+async def progressing_lookup(query: str) -> str:
+    """Look something up, saying how far along it is."""
+    rtagent.progress("searching", 0.5)
+    return f"{query}: found"
+
+
+@function_tool(needs_approval=True)
+async def refund(order: str) -> str:
+    """Refund an order."""
+    return f"order {order} refunded"
+
+
+@function_tool
+async def add_to_cart(ctx: RunContextWrapper[dict[str, Any]], item: str) -> str:
+    """Put an item in the shared cart."""
+    ctx.context.setdefault("cart", []).append(item)
+    return f"{item} added"
+
+
+CONFIRM = {"name": "confirm", "description": "Ask the person.", "parameters": {"type": "object"}}
+
+
+async def test_ag_ui_validate_finds_no_error_or_warning_in_any_feature_exercised(tmp_path: Path) -> None:
+    model = ScriptedModel(
+        [
+            tool_calls(call("progressing_lookup", {"query": "Paris"}), text="Checking. "),
+            reply("Paris: found."),
+            tool_calls(call("refund", {"order": "42"}, call_id="refund-1")),
+            reply("Refunded."),
+            tool_calls(call("add_to_cart", {"item": "tea"})),
+            reply("Tea is in your cart."),
+            tool_calls(call("confirm", {}, call_id="confirm-1")),
+            reply("Confirmed, thanks."),
+        ]
+    )
+    agent = Agent(name="validated", tools=[progressing_lookup, refund, add_to_cart], model=model)
+    app = create_app(agent, db_path=tmp_path / "threads.db")
+
+    def body(run: str, text: str | None, **extra: Any) -> dict[str, Any]:
+        messages = [{"id": f"u-{run}", "role": "user", "content": text}] if text else []
+        return {"threadId": f"t-{run}", "runId": run, "messages": messages, **extra}
+
+    approved = [{"interruptId": "refund-1", "status": "resolved", "payload": {"approved": True}}]
+    result = {"id": "tool-1", "role": "tool", "toolCallId": "confirm-1", "content": "yes"}
+    runs = [
+        (body("chat", "How big is Paris?"), ["agentic-chat", "backend-tool-rendering"]),
+        (body("hitl", "Refund order 42"), ["human-in-the-loop"]),
+        ({**body("hitl", None), "runId": "hitl-2", "resume": approved}, ["human-in-the-loop"]),
+        (body("state", "Add tea", state={"cart": ["milk"]}), ["shared-state"]),
+        (body("client", "Ask me", tools=[CONFIRM]), ["agentic-chat"]),
+        ({**body("client", None), "runId": "client-2", "messages": [result], "tools": [CONFIRM]}, []),
+    ]
+    exercised: set[str] = set()
+    async with serving(app) as base:
+        for run_body, features in runs:
+            options = TransportOptions(input=run_body, validator=ValidatorOptions(features=features))
+            checked = await validate_endpoint(f"http://{base}/agui", options)
+            found = [(d.rule, d.message) for d in checked.report.diagnostics if d.severity != "info"]
+            assert found == [], (run_body["runId"], found)
+            assert checked.report.internal_errors == []
+            exercised |= {f for f, status in checked.report.features.items() if status == "exercised"}
+    assert exercised == {"agentic-chat", "backend-tool-rendering", "human-in-the-loop", "shared-state"}

@@ -9,9 +9,21 @@ from pathlib import Path
 from typing import Any
 
 from agents import function_tool
-from test_server import client, kinds, make_app, receive_run, run_input, serving, sse_events
+from test_server import (
+    NODE_DIR,
+    client,
+    kinds,
+    make_app,
+    receive_run,
+    run_input,
+    run_node_test,
+    serving,
+    sse_events,
+)
 from websockets.asyncio.client import connect
 
+import rtagent
+from rtagent import create_app
 from rtagent._history import NOT_ANSWERED
 from rtagent.server._agui import APPROVAL_SCHEMA
 from rtagent.testing import call, reply, tool_calls
@@ -173,3 +185,11 @@ async def test_the_websocket_answers_with_its_own_command(tmp_path: Path) -> Non
     assert bad["error"] == "bad_answer"
     assert "TOOL_CALL_RESULT" in kinds(resumed)
     assert refunds == ["42"]
+
+
+async def test_the_official_typescript_client_drives_an_approval_and_a_client_tool(tmp_path: Path) -> None:
+    agent = rtagent.load_agent(str(NODE_DIR / "approval_agent.py"))
+    app = create_app(agent, db_path=tmp_path / "threads.db")
+    async with serving(app) as base:
+        report = await run_node_test("approvals.test.mjs", {"RTAGENT_URL": f"http://{base}/agui"})
+    assert "# pass 2" in report, report
