@@ -201,6 +201,26 @@ async def test_a_replica_paused_past_its_lease_writes_nothing_after_the_new_hold
     assert after == before
 
 
+async def test_a_run_paused_for_approval_on_a_is_answered_on_b(
+    replicas: tuple[str, str, subprocess.Popen[bytes]],
+) -> None:
+    url_a, url_b, _ = replicas
+    approve = {**run_input("", run="r2"), "messages": []}
+    approve["resume"] = [{"interruptId": "call_1", "status": "resolved", "payload": {"approved": True}}]
+    async with (
+        httpx.AsyncClient(base_url=url_a, timeout=30) as a,
+        httpx.AsyncClient(base_url=url_b, timeout=30) as b,
+    ):
+        paused = [e for _, e in frames((await a.post("/agui", json=run_input("refund my order"))).text)]
+        resumed = [e for _, e in frames((await b.post("/agui", json=approve)).text)]
+        again = await b.post("/agui", json={**approve, "runId": "r3"})
+    assert paused[-1]["outcome"]["interrupts"][0]["toolCallId"] == "call_1"
+    result = next(e for e in resumed if e["type"] == "TOOL_CALL_RESULT")
+    assert result["content"] == "Order 42 refunded."
+    assert text_of(resumed) == "That is settled."
+    assert again.status_code == 409  # answered, on whichever replica
+
+
 async def test_the_official_typescript_client_sees_a_message_to_b_interrupt_a(
     replicas: tuple[str, str, subprocess.Popen[bytes]],
 ) -> None:

@@ -225,6 +225,17 @@ def test_a_rejected_call_never_runs_and_the_reply_goes_on(chat: pexpect.spawn[st
     assert "refunded" not in str(chat.before)
 
 
+def test_two_waiting_calls_are_asked_one_after_the_other(chat: pexpect.spawn[str]) -> None:
+    say(chat, "two refunds please")
+    chat.expect_exact('approve refund(order="1")? [y/N]')
+    chat.sendline("n")
+    chat.expect_exact('approve refund(order="2")? [y/N]')
+    chat.sendline("yes")
+    chat.expect(r"✓ refund \(0\.\ds\): Order 2 refunded\.")
+    chat.expect_exact("That is settled.")
+    assert "Order 1 refunded" not in str(chat.before)
+
+
 def test_ctrl_c_at_an_approval_puts_it_away_and_the_next_message_goes_on(chat: pexpect.spawn[str]) -> None:
     say(chat, "refund my order")
     chat.expect_exact(APPROVE)

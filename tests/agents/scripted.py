@@ -6,7 +6,7 @@ both      two tools at once
 broken    a tool that raises
 long      a long reply streamed slowly (something to interrupt)
 fail      the model fails in the middle of its reply
-refund    a call to a tool that needs a person's approval, then a reply
+refund    a call to a tool that needs a person's approval, then a reply ("two refunds": two calls)
 think     a reply that takes 0.8 s to start
 otherwise an echo that counts the user's messages, which shows the history is kept, and says
           where the model's last reply was cut off, if it was (what the history kept of it)
@@ -57,7 +57,7 @@ async def broken() -> str:
 LONG = " ".join(f"word{n}" for n in range(200))
 
 
-def _script(text: str, messages: int, last_reply: str) -> list[Step]:
+def _script(text: str, messages: int, last_reply: str, answered: bool) -> list[Step]:
     if "lookup" in text:
         return [
             tool_calls(call("delayed_lookup", {"query": "x"})),
@@ -69,7 +69,11 @@ def _script(text: str, messages: int, last_reply: str) -> list[Step]:
         calls = tool_calls(call("delayed_lookup", {"query": "y"}), call("search", {"query": "dogs"}))
         return [calls, reply("Both done.", delay=0.02)]
     if "refund" in text:
-        return [tool_calls(call("refund", {"order": "42"})), reply("That is settled.", delay=0.02)]
+        # Answered: a run continued after the approval, maybe in another process than the call.
+        settled = reply("That is settled.", delay=0.02)
+        orders = ["1", "2"] if "two refunds" in text else ["42"]
+        calls = tool_calls(*(call("refund", {"order": order}) for order in orders))
+        return [settled] if answered else [calls, settled]
     if "broken" in text:
         return [tool_calls(call("broken")), reply("The tool failed, sorry.", delay=0.02)]
     if "long" in text:
@@ -107,7 +111,9 @@ class ByKeyword(Model):
         if message != self._message:
             self._message = message
             replies = [_text(i) for i in items if isinstance(i, dict) and i.get("role") == "assistant"]
-            steps = _script(_text(users[-1]), len(users), replies[-1] if replies else "")
+            last = items[-1] if items and isinstance(items[-1], dict) else {}
+            answered = last.get("type") == "function_call_output"
+            steps = _script(_text(users[-1]), len(users), replies[-1] if replies else "", answered)
             self._script = ScriptedModel(steps)
         return self._script
 
