@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._chat import Chat
-    from ._errors import AgentLoadError, ApprovalError, ModelError, RTAgentError
+    from ._errors import AgentLoadError, ApprovalError, GuardrailTripwire, ModelError, RTAgentError
     from ._events import (
+        AgentChanged,
         ApprovalRequested,
         Event,
         TextDelta,
@@ -50,6 +51,8 @@ _EXPORTS = {
     "AgentLoadError": "_errors",
     "ModelError": "_errors",
     "ApprovalError": "_errors",
+    "GuardrailTripwire": "_errors",
+    "AgentChanged": "_events",
     "ApprovalRequested": "_events",
     "Event": "_events",
     "Thinking": "_events",
@@ -75,11 +78,13 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "AgentChanged",
     "AgentLoadError",
     "ApprovalError",
     "ApprovalRequested",
     "Chat",
     "Event",
+    "GuardrailTripwire",
     "ModelError",
     "ModelSpec",
     "RTAgentError",
