@@ -421,7 +421,7 @@ async def test_an_input_guardrail_tripwire_stops_the_reply_the_moment_it_fires()
     assert items[1]["content"][0]["text"] == turn.result.text
 
 
-async def test_a_guardrail_run_before_the_model_stops_it_being_called() -> None:
+async def test_a_run_config_guardrail_run_before_the_model_keeps_it_from_being_called() -> None:
     @input_guardrail(run_in_parallel=False)
     def closed(
         _context: RunContextWrapper[None], _agent: Agent[None], _input: str | list[TResponseInputItem]
@@ -429,21 +429,18 @@ async def test_a_guardrail_run_before_the_model_stops_it_being_called() -> None:
         return GuardrailFunctionOutput(output_info=None, tripwire_triggered=True)
 
     model = ScriptedModel([reply("never")])
+    agent = Agent(name="a", model=model)
+    guarded = RunConfig(input_guardrails=[closed])
     session = SQLiteSession("closed")
-    events = [
-        e
-        async for e in rtagent.stream(
-            Agent(name="a", model=model),
-            "hi",
-            session=session,
-            run_config=RunConfig(input_guardrails=[closed]),
-        )
-    ]
+    events = [e async for e in rtagent.stream(agent, "hi", session=session, run_config=guarded)]
     assert model.calls == ()
     assert [type(e) for e in events] == [Thinking, TurnFailed]
     assert isinstance(events[-1], TurnFailed)
     assert events[-1].guardrail == "closed"
     assert await session.get_items() == [{"role": "user", "content": "hi"}]  # saved once
+    with pytest.raises(rtagent.TurnError, match="the input guardrail closed stopped the turn") as caught:
+        await rtagent.run(agent, "hi", run_config=guarded)
+    assert caught.value.guardrail == "closed"
 
 
 async def test_an_output_guardrail_tripwire_names_it_and_keeps_the_reply_as_cut() -> None:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._chat import Chat
-    from ._errors import AgentLoadError, ApprovalError, GuardrailTripwire, ModelError, RTAgentError
+    from ._errors import AgentLoadError, ApprovalError, ModelError, RTAgentError
     from ._events import (
         AgentChanged,
         ApprovalRequested,
@@ -51,7 +51,6 @@ _EXPORTS = {
     "AgentLoadError": "_errors",
     "ModelError": "_errors",
     "ApprovalError": "_errors",
-    "GuardrailTripwire": "_errors",
     "AgentChanged": "_events",
     "ApprovalRequested": "_events",
     "Event": "_events",
@@ -84,7 +83,6 @@ __all__ = [
     "ApprovalRequested",
     "Chat",
     "Event",
-    "GuardrailTripwire",
     "ModelError",
     "ModelSpec",
     "RTAgentError",

@@ -579,7 +579,7 @@ async def run(
     async with Turn(agent, input, **options) as turn:
         async for event in turn:
             if isinstance(event, TurnFailed):
-                raise TurnError(event.error, event.result)
+                raise TurnError(event.error, event.result, event.guardrail)
     return turn.result
 
 
@@ -591,8 +591,10 @@ def run_sync(
 
 
 class TurnError(Exception):
-    """A turn failed; ``result`` keeps what had been produced before the failure."""
+    """A turn failed; ``result`` keeps what had been produced before the failure, ``guardrail``
+    names the guardrail whose tripwire stopped it, if one did."""
 
-    def __init__(self, message: str, result: TurnResult) -> None:
+    def __init__(self, message: str, result: TurnResult, guardrail: str | None = None) -> None:
         super().__init__(message)
         self.result = result
+        self.guardrail = guardrail
