@@ -370,6 +370,17 @@ async def test_the_next_agents_tools_report_and_a_handoff_back_is_announced_too(
     assert events[-1].result.text == "Done."
 
 
+async def test_a_next_agent_without_a_model_resolves_like_the_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RTAGENT_MODEL", "http://127.0.0.1:9/v1#m")  # where agents without a model go
+    triage_model = ScriptedModel([tool_calls(call("transfer_to_billing", {}))])
+    triage = Agent(name="triage", model=triage_model, handoffs=[Agent(name="billing")])
+    events = [event for _, event in await collect(rtagent.stream(triage, "hi"))]
+    assert AgentChanged("billing") in events
+    assert isinstance(events[-1], TurnFailed)
+    assert events[-1].error == "cannot reach the model server at 127.0.0.1:9"
+    assert len(triage_model.calls) == 1
+
+
 async def test_a_model_given_to_the_turn_runs_every_agent() -> None:
     own = ScriptedModel([])
     billing = Agent(name="billing", model=own)
