@@ -919,3 +919,13 @@ async def test_the_official_typescript_client_runs_turns(tmp_path: Path) -> None
             "agui.test.mjs", {"RTAGENT_URL": f"http://{base}/agui", "RTAGENT_TOKEN": TOKEN}
         )
     assert "# pass 3" in report, report
+
+
+async def test_the_official_typescript_client_follows_handoffs_and_guardrail_errors(tmp_path: Path) -> None:
+    agent = rtagent.load_agent(str(NODE_DIR / "handoff_agent.py"))
+    app = create_app(agent, db_path=tmp_path / "threads.db", token=TOKEN)
+    async with serving(app) as base:
+        report = await run_node_test(
+            "handoff.test.mjs", {"RTAGENT_URL": f"http://{base}/agui", "RTAGENT_TOKEN": TOKEN}
+        )
+    assert "# pass 2" in report, report
