@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import inspect
 import logging
 import sys
@@ -27,7 +28,7 @@ from agents.guardrail import GuardrailFunctionOutput, InputGuardrail, OutputGuar
 from agents.handoffs import Handoff
 from agents.lifecycle import RunHooksBase
 from agents.model_settings import ModelSettings
-from agents.models import get_default_model_settings
+from agents.models import get_default_model, get_default_model_settings
 from agents.models.interface import Model
 from agents.run_context import RunContextWrapper
 from agents.tool import Tool
@@ -210,8 +211,19 @@ class _Copies:
 
 
 def _default_settings(model: str | Model | None) -> ModelSettings:
-    """The settings the SDK gives an agent of ``model`` that sets none."""
-    return ModelSettings() if isinstance(model, Model) else get_default_model_settings(model)
+    """The settings the SDK gives an agent of ``model`` that sets none (only compared, never used)."""
+    if isinstance(model, Model):
+        return _NO_SETTINGS
+    # The SDK's default model is read from the environment on every call.
+    return _defaults_of(model or get_default_model())
+
+
+@functools.lru_cache(maxsize=64)
+def _defaults_of(name: str) -> ModelSettings:
+    return get_default_model_settings(name)  # 30 us, once per model name instead of once a turn
+
+
+_NO_SETTINGS = ModelSettings()
 
 
 Guardrail = TypeVar("Guardrail", InputGuardrail[Any], OutputGuardrail[Any])
