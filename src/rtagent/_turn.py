@@ -135,8 +135,8 @@ class Turn:
         # The model call in progress: its tools' ``needs_approval`` by name, and its handoffs' names.
         self._rules: dict[str, object] = {}
         self._handoffs: frozenset[str] = frozenset()
-        self._answering = agent.name
-        self._tripped: GuardrailTripwire | None = None
+        self._answering = agent.name  # the agent the person was last told of
+        self._tripped: GuardrailTripwire | None = None  # the tripwire that stopped the turn
         # The calls that asked for approval.
         self._approvals: dict[str, ApprovalRequested] = {}
         self._pending: tuple[ApprovalRequested, ...] = ()
