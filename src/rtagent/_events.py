@@ -85,9 +85,9 @@ class ToolFinished:
 class AgentChanged:
     """Another agent answers from now on: the SDK has just handed the conversation to ``name``.
 
-    A turn starts with its own agent answering; this comes each time a handoff switches agent (and
-    at the start of a continued turn whose paused run was with another agent). The handoff's own
-    ``transfer_to_...`` call is no tool call to show: no ``ToolStarted`` comes for it.
+    A turn starts with its own agent answering; this comes the moment a handoff switches agent (and
+    at the start of a continued turn whose paused run was with another agent), before anything of
+    the new agent's. The handoff's ``transfer_to_...`` call is no tool call: no ``ToolStarted``.
     """
 
     name: str

@@ -50,7 +50,7 @@ class ToolSink(Protocol):
     def _tool_kept(self, call_id: str, name: str, arguments: str, task: asyncio.Future[Any]) -> None: ...
     def _on_tool_start(self, call_id: str, name: str, arguments: str) -> None: ...
     def _on_tool_end(self, call_id: str, name: str, output: object) -> None: ...
-    def _on_agent_start(self, name: str) -> None: ...
+    def _agent_changed(self, name: str) -> None: ...
     def _guardrail_tripped(self, kind: GuardrailKind, name: str, output: GuardrailFunctionOutput) -> None: ...
 
 
@@ -369,15 +369,17 @@ class ToolHooks(RunHooks[Any]):
     async def on_llm_end(self, *args: Any, **kwargs: Any) -> None:
         await self._inner.on_llm_end(*args, **kwargs)
 
-    async def on_agent_start(self, context: Any, agent: Agent[Any]) -> None:
-        self._turn._on_agent_start(agent.name)
-        await self._inner.on_agent_start(context, agent)
+    async def on_agent_start(self, *args: Any, **kwargs: Any) -> None:
+        await self._inner.on_agent_start(*args, **kwargs)
 
     async def on_agent_end(self, *args: Any, **kwargs: Any) -> None:
         await self._inner.on_agent_end(*args, **kwargs)
 
-    async def on_handoff(self, *args: Any, **kwargs: Any) -> None:
-        await self._inner.on_handoff(*args, **kwargs)
+    async def on_handoff(
+        self, context: RunContextWrapper[Any], from_agent: Agent[Any], to_agent: Agent[Any]
+    ) -> None:
+        self._turn._agent_changed(to_agent.name)
+        await self._inner.on_handoff(context, from_agent, to_agent)
 
 
 _REPORTING_CODE = _Reporting.__call__.__code__

@@ -299,7 +299,7 @@ class Turn:
             run_input = await _resumed(agent, self._input, options.get("context"))
             # It goes on with the agent it paused in, which a handoff may have made another one.
             for item in run_input.get_interruptions()[:1]:
-                self._on_agent_start(item.agent.name)
+                self._agent_changed(item.agent.name)
         else:
             run_input = self._input
         self._sdk = Runner.run_streamed(
@@ -508,7 +508,7 @@ class Turn:
         self._tool_timings.append(ToolTiming(call_id, name, duration))
         self._events.put(ToolFinished(call_id, name, output, error, duration))
 
-    def _on_agent_start(self, name: str) -> None:
+    def _agent_changed(self, name: str) -> None:
         if name != self._answering:
             self._answering = name
             self._events.put(AgentChanged(name))
