@@ -18,6 +18,7 @@ from test_server import serving
 import rtagent
 from rtagent import create_app
 from rtagent._events import (
+    AgentChanged,
     TextDelta,
     Thinking,
     ToolFinished,
@@ -150,6 +151,49 @@ def test_a_failed_turn_is_a_run_error() -> None:
         "message": "cannot reach the model server at x:1",
         "code": "agent_error",
     }
+
+
+def test_each_agent_that_takes_over_answers_in_a_step_of_its_own() -> None:
+    events = mapped(
+        Thinking(),  # triage thinks, and hands off without a word: its thinking closes with it
+        AgentChanged("billing"),
+        Thinking(),
+        TextDelta("Billing here."),
+        AgentChanged("triage"),
+        Thinking(),
+        TextDelta("Back."),
+        TurnFinished(result("Billing here. Back.")),
+    )
+    steps = [(e["type"], e["stepName"]) for e in events if e["type"].startswith("STEP")]
+    assert steps == [
+        ("STEP_STARTED", "thinking"),
+        ("STEP_FINISHED", "thinking"),
+        ("STEP_STARTED", "billing"),
+        ("STEP_STARTED", "thinking"),
+        ("STEP_FINISHED", "thinking"),
+        ("STEP_FINISHED", "billing"),
+        ("STEP_STARTED", "triage"),
+        ("STEP_STARTED", "thinking"),
+        ("STEP_FINISHED", "thinking"),
+        ("STEP_FINISHED", "triage"),
+    ]
+    kinds = [e["type"] for e in events]
+    # Billing's text is its own message, ended before its step is.
+    assert kinds.index("TEXT_MESSAGE_END") < kinds.index("STEP_FINISHED", kinds.index("TEXT_MESSAGE_START"))
+    assert kinds[-3:] == ["TEXT_MESSAGE_END", "STEP_FINISHED", "RUN_FINISHED"]
+    started = next(e for e in events if e.get("stepName") == "billing")
+    assert started["metadata"] == {"rtagent": {"agent": "billing"}}
+
+
+def test_a_guardrail_tripwire_is_a_run_error_of_its_own_and_closes_the_agents_step() -> None:
+    error = "the input guardrail no_secrets stopped the turn"
+    events = mapped(
+        AgentChanged("billing"),
+        TextDelta("Your pass"),
+        TurnFailed(error, "Your pass", result(), "no_secrets"),
+    )
+    assert [e["type"] for e in events][-3:] == ["TEXT_MESSAGE_END", "STEP_FINISHED", "RUN_ERROR"]
+    assert events[-1] == {"type": "RUN_ERROR", "message": error, "code": "guardrail_tripwire"}
 
 
 def body(messages: list[dict[str, Any]], **fields: Any) -> bytes:

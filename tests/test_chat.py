@@ -384,6 +384,28 @@ async def test_a_new_message_instead_of_an_answer_closes_the_waiting_call() -> N
         chat.approve("call_1")
 
 
+async def test_a_run_paused_after_a_handoff_goes_on_with_that_agent_and_says_so() -> None:
+    billing_model = ScriptedModel(
+        [tool_calls(call("refund", {"order": "7"}, call_id="r1")), reply("Refunded.")]
+    )
+    triage_model = ScriptedModel([tool_calls(call("transfer_to_billing", {}, call_id="h1"))])
+    billing = Agent(name="billing", model=billing_model, tools=[refund])
+    chat = rtagent.Chat(Agent(name="triage", model=triage_model, handoffs=[billing]))
+    refunds.clear()
+    first = await events_of(chat.send("refund order 7"))
+    assert [e.name for e in first if isinstance(e, rtagent.AgentChanged)] == ["billing"]
+    assert [p.call_id for p in chat.pending] == ["r1"]
+
+    second = await events_of(chat.approve("r1"))
+    # A new turn of the chat, which starts with its own agent: it says at once who goes on.
+    assert second[0].type == "thinking"
+    assert second[1] == rtagent.AgentChanged("billing")
+    assert [e.type for e in second].count("agent_changed") == 1
+    assert refunds == ["7"]
+    assert second[-1].result.text == "Refunded."
+    assert len(triage_model.calls) == 1
+
+
 async def test_an_answer_for_a_call_nothing_waits_for_is_an_approval_error() -> None:
     chat, _ = approval_chat(tool_calls(call("refund", {"order": "42"})), reply("Done."))
     await chat.send("refund order 42").wait()

@@ -46,6 +46,15 @@ def test_agent_model_name_without_a_key_fails_in_one_line(monkeypatch: pytest.Mo
         resolve_model(None, Agent(name="a", model="gpt-4.1-mini"))
 
 
+def test_agent_model_name_goes_to_openai_through_the_pooled_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    # A name of its own: resolved models are kept, and other tests expect openai:gpt-4.1-mini unkept.
+    model = resolve_model(None, Agent(name="a", model="gpt-pooled"))
+    assert isinstance(model, ServedModel)
+    assert str(model) == "openai:gpt-pooled"
+    assert resolve_model(None, Agent(name="b", model="gpt-pooled")) is model  # one model, one pool
+
+
 def test_http_spec_names_the_model_after_the_hash() -> None:
     model = parse_spec("http://127.0.0.1:11434/v1#llama3.2")
     assert isinstance(model, ServedModel)

@@ -170,6 +170,23 @@ async def test_a_tool_turn_streams_the_full_event_sequence(tmp_path: Path) -> No
     assert finished["result"]["metrics"]["tools"][0]["name"] == "lookup"
 
 
+async def test_served_without_a_model_each_agent_answers_on_its_own_in_its_own_step(tmp_path: Path) -> None:
+    billing_model = ScriptedModel([reply("Billing here.")])
+    triage_model = ScriptedModel([tool_calls(call("transfer_to_billing", {}, call_id="h1"))])
+    billing = Agent(name="billing", model=billing_model)
+    triage = Agent(name="triage", model=triage_model, handoffs=[billing])
+    app = create_app(triage, db_path=tmp_path / "threads.db")
+    async with client(app) as http:
+        events = sse_events((await http.post("/agui", json=run_input("my invoice?"))).text)
+    assert (len(triage_model.calls), len(billing_model.calls)) == (1, 1)
+    assert [(e["type"], e["stepName"]) for e in events if e.get("stepName") == "billing"] == [
+        ("STEP_STARTED", "billing"),
+        ("STEP_FINISHED", "billing"),
+    ]
+    assert "TOOL_CALL_START" not in kinds(events)
+    assert events[-1]["result"]["text"] == "Billing here."
+
+
 async def test_post_root_is_the_same_endpoint_and_no_new_message_answers_with_the_history(
     tmp_path: Path,
 ) -> None:
@@ -902,3 +919,13 @@ async def test_the_official_typescript_client_runs_turns(tmp_path: Path) -> None
             "agui.test.mjs", {"RTAGENT_URL": f"http://{base}/agui", "RTAGENT_TOKEN": TOKEN}
         )
     assert "# pass 3" in report, report
+
+
+async def test_the_official_typescript_client_follows_handoffs_and_guardrail_errors(tmp_path: Path) -> None:
+    agent = rtagent.load_agent(str(NODE_DIR / "handoff_agent.py"))
+    app = create_app(agent, db_path=tmp_path / "threads.db", token=TOKEN)
+    async with serving(app) as base:
+        report = await run_node_test(
+            "handoff.test.mjs", {"RTAGENT_URL": f"http://{base}/agui", "RTAGENT_TOKEN": TOKEN}
+        )
+    assert "# pass 2" in report, report

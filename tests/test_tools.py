@@ -8,11 +8,13 @@ import time
 from typing import Any
 
 import pytest
-from agents import Agent, RunContextWrapper, Tool, function_tool
+from agents import Agent, RunContextWrapper, Tool, function_tool, handoff
+from agents.handoffs import Handoff
+from agents.models.interface import Model
 
 import rtagent
 from rtagent import ToolFinished, ToolProgress, TurnFinished
-from rtagent._tools import warned
+from rtagent._tools import instrument, warned
 from rtagent.testing import ScriptedModel, call, reply, tool_calls
 
 
@@ -154,3 +156,33 @@ async def test_a_turn_instruments_a_copy_and_leaves_the_agent_as_it_was() -> Non
     assert agent.tools is tools
     assert tools == [lookup]
     assert lookup.on_invoke_tool is invoke
+
+
+async def test_the_agents_handed_off_to_are_copied_once_each_and_left_as_they_were() -> None:
+    @function_tool
+    def lookup() -> str:
+        """Looks something up."""
+        return "found"
+
+    billing = Agent(name="billing", tools=[lookup])
+    triage = Agent(name="triage", handoffs=[billing, handoff(billing, tool_name_override="to_billing")])
+    billing.handoffs = [triage]  # a cycle: billing hands back
+    given: list[str] = []
+
+    def model(agent: Agent[Any]) -> Model:
+        given.append(agent.name)
+        return ScriptedModel([])
+
+    copied = instrument(triage, rtagent.Turn(triage, "hi"), model)
+    via_agent, via_handoff = copied.handoffs
+    assert isinstance(via_agent, Agent)
+    assert isinstance(via_handoff, Handoff)
+    assert via_handoff._agent_ref is not None
+    assert via_handoff._agent_ref() is via_agent  # one copy of billing, however it is reached
+    assert via_agent.handoffs[0] is copied
+    assert sorted(given) == ["billing", "triage"]  # each agent's model, once
+    assert isinstance(copied.model, ScriptedModel)
+    assert via_agent.tools[0] is not lookup  # billing's tools report to the turn too
+    assert billing.tools[0] is lookup  # the user's agents are as they were
+    assert billing.handoffs[0] is triage
+    assert triage.model is None

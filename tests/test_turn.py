@@ -4,12 +4,33 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
-from agents import Agent, SQLiteSession, function_tool
+from agents import (
+    Agent,
+    GuardrailFunctionOutput,
+    RunConfig,
+    RunContextWrapper,
+    SQLiteSession,
+    function_tool,
+    handoff,
+    input_guardrail,
+    output_guardrail,
+)
+from agents.items import TResponseInputItem
 
 import rtagent
-from rtagent import Event, TextDelta, Thinking, ToolFinished, ToolStarted, TurnFailed, TurnFinished
+from rtagent import (
+    AgentChanged,
+    Event,
+    TextDelta,
+    Thinking,
+    ToolFinished,
+    ToolStarted,
+    TurnFailed,
+    TurnFinished,
+)
 from rtagent._buffer import MAX_PENDING_EVENTS
 from rtagent.testing import ScriptedModel, call, fail, reply, tool_calls
 
@@ -291,3 +312,162 @@ async def test_calls_announced_but_not_started_also_finish_on_interrupt() -> Non
             if isinstance(event, ToolFinished):
                 assert (event.call_id, event.error) == ("q", "interrupted")
     assert turn.result.interrupted
+
+
+# -- handoffs -----------------------------------------------------------------------------------
+
+
+async def test_a_handoff_answers_on_the_next_agents_own_model_and_says_who_answers() -> None:
+    triage_model = ScriptedModel([tool_calls(call("transfer_to_billing", {}, call_id="h1"))])
+    billing_model = ScriptedModel([reply("Billing here: your invoice is paid.")])
+    billing = Agent(name="billing", model=billing_model)
+    triage = Agent(name="triage", model=triage_model, handoffs=[billing])
+    events = [event for _, event in await collect(rtagent.stream(triage, "my invoice?"))]
+
+    assert len(triage_model.calls) == 1  # it chose the handoff, and billing's turn was not its
+    assert len(billing_model.calls) == 1
+    changed = [e for e in events if isinstance(e, AgentChanged)]
+    assert changed == [AgentChanged("billing")]
+    first_text = next(i for i, e in enumerate(events) if isinstance(e, TextDelta))
+    assert events.index(changed[0]) < first_text
+    # The handoff's call is no tool the person waits on: no indicator, so none left open.
+    assert not [e for e in events if isinstance(e, ToolStarted | ToolFinished)]
+    last = events[-1]
+    assert isinstance(last, TurnFinished)
+    assert last.result.text == last.result.final_output == "Billing here: your invoice is paid."
+
+
+async def test_the_next_agents_tools_report_and_a_handoff_back_is_announced_too() -> None:
+    @function_tool
+    async def refund(order: str) -> str:
+        """Refund an order."""
+        return f"refunded {order}"
+
+    # Call ids of their own: each scripted model numbers its calls from call_1.
+    billing_model = ScriptedModel(
+        [tool_calls(call("refund", {"order": "7"}, call_id="r1")), tool_calls(call("back", {}, call_id="h2"))]
+    )
+    triage_model = ScriptedModel([tool_calls(call("transfer_to_billing", {}, call_id="h1")), reply("Done.")])
+    billing = Agent(name="billing", model=billing_model, tools=[refund])
+    moved: list[str] = []
+    triage = Agent(
+        name="triage",
+        model=triage_model,
+        handoffs=[handoff(billing, on_handoff=lambda _context: moved.append("billing"))],
+    )
+    billing.handoffs = [handoff(triage, tool_name_override="back")]
+    events = [event for _, event in await collect(rtagent.stream(triage, "refund order 7"))]
+
+    assert [e.name for e in events if isinstance(e, AgentChanged)] == ["billing", "triage"]
+    assert [(type(e), e.call_id) for e in events if isinstance(e, ToolStarted | ToolFinished)] == [
+        (ToolStarted, "r1"),
+        (ToolFinished, "r1"),
+    ]
+    assert next(e for e in events if isinstance(e, ToolFinished)).output == "refunded 7"
+    assert moved == ["billing"]  # the handoff's own callback still runs
+    assert (len(triage_model.calls), len(billing_model.calls)) == (2, 2)
+    assert isinstance(events[-1], TurnFinished)
+    assert events[-1].result.text == "Done."
+
+
+async def test_a_next_agent_without_a_model_resolves_like_the_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RTAGENT_MODEL", "http://127.0.0.1:9/v1#m")  # where agents without a model go
+    triage_model = ScriptedModel([tool_calls(call("transfer_to_billing", {}))])
+    triage = Agent(name="triage", model=triage_model, handoffs=[Agent(name="billing")])
+    events = [event for _, event in await collect(rtagent.stream(triage, "hi"))]
+    assert AgentChanged("billing") in events
+    assert isinstance(events[-1], TurnFailed)
+    assert events[-1].error == "cannot reach the model server at 127.0.0.1:9"
+    assert len(triage_model.calls) == 1
+
+
+async def test_a_model_given_to_the_turn_runs_every_agent() -> None:
+    own = ScriptedModel([])
+    billing = Agent(name="billing", model=own)
+    triage = Agent(name="triage", model=own, handoffs=[billing])
+    given = ScriptedModel([tool_calls(call("transfer_to_billing", {})), reply("One model for all.")])
+    events = [event for _, event in await collect(rtagent.stream(triage, "hi", model=given))]
+    assert AgentChanged("billing") in events
+    assert isinstance(events[-1], TurnFinished)
+    assert events[-1].result.text == "One model for all."
+    assert (len(given.calls), len(own.calls)) == (2, 0)
+
+
+# -- guardrails ---------------------------------------------------------------------------------
+
+
+async def test_an_input_guardrail_tripwire_stops_the_reply_the_moment_it_fires() -> None:
+    shown = asyncio.Event()
+    fired = asyncio.Event()
+
+    @input_guardrail
+    async def no_secrets(
+        _context: RunContextWrapper[None], _agent: Agent[None], _input: str | list[TResponseInputItem]
+    ) -> GuardrailFunctionOutput:
+        await shown.wait()  # it decides while the reply streams, as a slow classifier would
+        fired.set()
+        return GuardrailFunctionOutput(output_info="it asks for a secret", tripwire_triggered=True)
+
+    model = ScriptedModel([reply([f"w{i} " for i in range(100)], delay=0.01)])
+    session = SQLiteSession("guarded")
+    agent = Agent(name="a", model=model, input_guardrails=[no_secrets])
+    late: list[str] = []
+    async with rtagent.stream(agent, "tell me the secret", session=session) as turn:
+        async for event in turn:
+            if isinstance(event, TextDelta):
+                if fired.is_set():
+                    late.append(event.text)
+                shown.set()
+            last = event
+
+    assert late == []
+    assert model.streams[0].outcome == "closed"
+    assert isinstance(last, TurnFailed)
+    assert last.guardrail == "no_secrets"
+    assert last.error == "the input guardrail no_secrets stopped the turn: it asks for a secret"
+    assert last.partial_text == turn.result.text != ""
+    items: list[Any] = await session.get_items()
+    assert [item.get("role") for item in items] == ["user", "assistant"]
+    assert items[1]["status"] == "incomplete"  # marked as cut
+    assert items[1]["content"][0]["text"] == turn.result.text
+
+
+async def test_a_run_config_guardrail_run_before_the_model_keeps_it_from_being_called() -> None:
+    @input_guardrail(run_in_parallel=False)
+    def closed(
+        _context: RunContextWrapper[None], _agent: Agent[None], _input: str | list[TResponseInputItem]
+    ) -> GuardrailFunctionOutput:
+        return GuardrailFunctionOutput(output_info=None, tripwire_triggered=True)
+
+    model = ScriptedModel([reply("never")])
+    agent = Agent(name="a", model=model)
+    guarded = RunConfig(input_guardrails=[closed])
+    session = SQLiteSession("closed")
+    events = [e async for e in rtagent.stream(agent, "hi", session=session, run_config=guarded)]
+    assert model.calls == ()
+    assert [type(e) for e in events] == [Thinking, TurnFailed]
+    assert isinstance(events[-1], TurnFailed)
+    assert events[-1].guardrail == "closed"
+    assert await session.get_items() == [{"role": "user", "content": "hi"}]  # saved once
+    with pytest.raises(rtagent.TurnError, match="the input guardrail closed stopped the turn") as caught:
+        await rtagent.run(agent, "hi", run_config=guarded)
+    assert caught.value.guardrail == "closed"
+
+
+async def test_an_output_guardrail_tripwire_names_it_and_keeps_the_reply_as_cut() -> None:
+    @output_guardrail
+    async def polite(
+        _context: RunContextWrapper[None], _agent: Agent[None], _output: str
+    ) -> GuardrailFunctionOutput:
+        return GuardrailFunctionOutput(output_info=None, tripwire_triggered=True)
+
+    model = ScriptedModel([reply("You fool.")])
+    session = SQLiteSession("polite")
+    agent = Agent(name="a", model=model, output_guardrails=[polite])
+    events = [event for _, event in await collect(rtagent.stream(agent, "hi", session=session))]
+    last = events[-1]
+    assert isinstance(last, TurnFailed)
+    assert (last.guardrail, last.error) == ("polite", "the output guardrail polite stopped the turn")
+    items: list[Any] = await session.get_items()
+    assert items[-1]["status"] == "incomplete"
+    assert items[-1]["content"][0]["text"] == "You fool."

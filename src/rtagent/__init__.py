@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from ._chat import Chat
     from ._errors import AgentLoadError, ApprovalError, ModelError, RTAgentError
     from ._events import (
+        AgentChanged,
         ApprovalRequested,
         Event,
         TextDelta,
@@ -50,6 +51,7 @@ _EXPORTS = {
     "AgentLoadError": "_errors",
     "ModelError": "_errors",
     "ApprovalError": "_errors",
+    "AgentChanged": "_events",
     "ApprovalRequested": "_events",
     "Event": "_events",
     "Thinking": "_events",
@@ -75,6 +77,7 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "AgentChanged",
     "AgentLoadError",
     "ApprovalError",
     "ApprovalRequested",

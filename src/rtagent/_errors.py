@@ -18,6 +18,16 @@ class ApprovalError(RTAgentError):
     """An answer to an approval that nothing waits for: an unknown call, or one already answered."""
 
 
+class GuardrailTripwire(RTAgentError):
+    """A guardrail's tripwire fired: the turn stopped there (``TurnFailed.guardrail`` names it)."""
+
+    def __init__(self, kind: str, guardrail: str, info: object) -> None:
+        # A guardrail that explains itself in words (its ``output_info``) is quoted.
+        reason = f": {info}" if isinstance(info, str) and info.strip() else ""
+        super().__init__(f"the {kind} guardrail {guardrail} stopped the turn{reason}")
+        self.guardrail = guardrail
+
+
 class AgentLoadError(RTAgentError):
     """An agent reference (``file.py:name`` or ``package.module:name``) cannot be loaded."""
 

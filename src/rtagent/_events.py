@@ -82,6 +82,19 @@ class ToolFinished:
 
 
 @dataclass(frozen=True, slots=True)
+class AgentChanged:
+    """Another agent answers from now on: the SDK has just handed the conversation to ``name``.
+
+    A turn starts with its own agent answering; this comes the moment a handoff switches agent (and
+    at the start of a continued turn whose paused run was with another agent), before anything of
+    the new agent's. The handoff's ``transfer_to_...`` call is no tool call: no ``ToolStarted``.
+    """
+
+    name: str
+    type: Literal["agent_changed"] = field(default="agent_changed", init=False)
+
+
+@dataclass(frozen=True, slots=True)
 class TurnFinished:
     """The turn ended normally or was interrupted (``result.interrupted``)."""
 
@@ -91,11 +104,16 @@ class TurnFinished:
 
 @dataclass(frozen=True, slots=True)
 class TurnFailed:
-    """The turn ended with an error. ``partial_text`` is what the user had already seen."""
+    """The turn ended with an error. ``partial_text`` is what the user had already seen.
+
+    A guardrail's tripwire ends the turn the moment it fires, with ``guardrail`` naming it: no text
+    comes after it, and what was shown is saved as a reply cut short.
+    """
 
     error: str
     partial_text: str
     result: TurnResult
+    guardrail: str | None = None
     type: Literal["turn_failed"] = field(default="turn_failed", init=False)
 
 
@@ -106,6 +124,7 @@ Event: TypeAlias = (
     | ApprovalRequested
     | ToolProgress
     | ToolFinished
+    | AgentChanged
     | TurnFinished
     | TurnFailed
 )

@@ -94,10 +94,13 @@ def resolve_model(spec: ModelSpec, agent: Agent[Any]) -> Model:
         if own:
             if _is_spec(own):
                 return parse_spec(own)
-            # Plain names go to OpenAI, like the SDK's default provider; say so before it fails.
-            if "/" not in own and not os.environ.get("OPENAI_API_KEY"):
+            if "/" in own:  # a provider prefix (``litellm/...``): the SDK's providers know them
+                return MultiProvider().get_model(own)
+            # Plain names go to OpenAI, like the SDK's default provider, through a pooled client:
+            # a turn resolves each of its agents' models, and a new client would connect anew.
+            if not os.environ.get("OPENAI_API_KEY"):
                 raise ModelError(f"the agent's model {own} needs OPENAI_API_KEY (or choose one with --model)")
-            return MultiProvider().get_model(own)
+            return parse_spec(f"openai:{own}")
         spec = os.environ.get("RTAGENT_MODEL") or DEFAULT_SPEC
     return parse_spec(spec)
 

@@ -26,7 +26,7 @@ from ._errors import RTAgentError
 class ModelSink(Protocol):
     """What the tap reports to (the turn)."""
 
-    def _on_model_call(self) -> None: ...
+    def _on_model_call(self, tools: list[Tool], handoffs: list[Handoff]) -> None: ...
     def _on_model_event(self, event: TResponseStreamEvent) -> None: ...
 
 
@@ -102,7 +102,7 @@ class Tap(Model):
         prompt: ResponsePromptParam | None,
     ) -> AsyncIterator[TResponseStreamEvent]:
         turn = self._turn
-        turn._on_model_call()
+        turn._on_model_call(tools, handoffs)
         first_attempt = time.monotonic()
         for attempt in itertools.count():
             stream = self._inner.stream_response(

@@ -1,26 +1,35 @@
 """What rtagent adds around each tool call: progress reports, honest errors, background finishing,
-and a watchdog that names an ``async def`` tool that blocks the event loop.
+and a watchdog that names an ``async def`` tool that blocks the event loop; and around each
+guardrail: word of its tripwire the moment it fires.
 
-A turn runs a copy of the agent whose function tools are wrapped by ``instrument``; the user's
-agent and tools are never modified.
+A turn runs copies, made by ``instrument``, of the agent and of every agent it can hand off to,
+whose function tools and guardrails are wrapped; the user's agents, tools and guardrails are never
+modified.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import inspect
 import logging
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 from agents import Agent, FunctionTool, RunHooks
+from agents.guardrail import GuardrailFunctionOutput, InputGuardrail, OutputGuardrail
+from agents.handoffs import Handoff
 from agents.lifecycle import RunHooksBase
+from agents.model_settings import ModelSettings
+from agents.models import get_default_model, get_default_model_settings
+from agents.models.interface import Model
 from agents.run_context import RunContextWrapper
 from agents.tool import Tool
 from agents.tool_context import ToolContext
@@ -30,14 +39,19 @@ from ._unicode import scrub
 logger = logging.getLogger("rtagent")
 
 
+GuardrailKind = Literal["input", "output"]
+
+
 class ToolSink(Protocol):
-    """What a running tool reports to (the turn that called it)."""
+    """What the agents of a run report to (the turn that runs them): its tools, guardrails and hooks."""
 
     def _tool_progress(self, call_id: str, message: str, fraction: float | None) -> None: ...
     def _tool_error(self, call_id: str, text: str) -> None: ...
     def _tool_kept(self, call_id: str, name: str, arguments: str, task: asyncio.Future[Any]) -> None: ...
     def _on_tool_start(self, call_id: str, name: str, arguments: str) -> None: ...
     def _on_tool_end(self, call_id: str, name: str, output: object) -> None: ...
+    def _agent_changed(self, name: str) -> None: ...
+    def _guardrail_tripped(self, kind: GuardrailKind, name: str, output: GuardrailFunctionOutput) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,13 +153,102 @@ def background(tool: FunctionTool) -> FunctionTool:
     return replace(tool, on_invoke_tool=_Background(tool.on_invoke_tool, tool.name))
 
 
-def instrument(agent: Agent[Any], sink: ToolSink) -> Agent[Any]:
-    """A copy of ``agent`` whose function tools report to ``sink``."""
+def instrument(
+    agent: Agent[Any], sink: ToolSink, model: Callable[[Agent[Any]], Model] | None = None
+) -> Agent[Any]:
+    """A copy of ``agent``, and of every agent it can hand off to, whose function tools and
+    guardrails report to ``sink``; with ``model``, each copy runs on ``model(its original)``."""
     loop = asyncio.get_running_loop()
     _Watchdog.ensure(loop)
-    copied = copy.copy(agent)  # ``clone`` would validate every field again: 0.1-0.2 ms a turn
-    copied.tools = [_instrument(t, sink, loop) if isinstance(t, FunctionTool) else t for t in agent.tools]
-    return copied
+    return _Copies(sink, loop, model).of(agent)
+
+
+class _Copies:
+    """The instrumented copies of one run's agents: one per agent, however many handoffs lead to it."""
+
+    def __init__(
+        self, sink: ToolSink, loop: asyncio.AbstractEventLoop, model: Callable[[Agent[Any]], Model] | None
+    ) -> None:
+        self._sink = sink
+        self._loop = loop
+        self._model = model
+        # By ``id``, as agents are unhashable; each original is held, so that its id stays its own.
+        self._made: dict[int, tuple[Agent[Any], Agent[Any]]] = {}
+
+    def of(self, agent: Agent[Any]) -> Agent[Any]:
+        made = self._made.get(id(agent))
+        if made is not None:
+            return made[1]
+        sink, loop = self._sink, self._loop
+        copied = copy.copy(agent)  # ``clone`` would validate every field again: 0.1-0.2 ms a turn
+        # Known before its handoffs are copied, so that an agent handing back gets this copy.
+        self._made[id(agent)] = (agent, copied)
+        copied.tools = [_instrument(t, sink, loop) if isinstance(t, FunctionTool) else t for t in agent.tools]
+        copied.input_guardrails = [guarded(g, "input", sink) for g in agent.input_guardrails]
+        copied.output_guardrails = [guarded(g, "output", sink) for g in agent.output_guardrails]
+        copied.handoffs = [self.of(h) if isinstance(h, Agent) else self._handoff(h) for h in agent.handoffs]
+        if self._model is not None:
+            # The SDK gives an agent that sets nothing its model's default settings: here the
+            # model is rtagent's, whose own defaults apply (as with a model the run config names).
+            if agent.model_settings == _default_settings(agent.model):
+                copied.model_settings = ModelSettings()
+            copied.model = self._model(agent)
+        return copied
+
+    def _handoff(self, handoff: Handoff[Any, Any]) -> Handoff[Any, Any]:
+        invoke = handoff.on_invoke_handoff
+
+        async def on_invoke_handoff(context: RunContextWrapper[Any], arguments: str) -> Agent[Any]:
+            return self.of(await invoke(context, arguments))
+
+        copied = replace(handoff, on_invoke_handoff=on_invoke_handoff)
+        target = handoff._agent_ref() if handoff._agent_ref is not None else None
+        if isinstance(target, Agent):
+            # Copied now rather than at the handoff, so that a bad model spec fails the turn at its
+            # start, and a paused run finds the agent it paused in (``RunState`` walks these).
+            copied._agent_ref = weakref.ref(self.of(target))
+        return copied
+
+
+def _default_settings(model: str | Model | None) -> ModelSettings:
+    """The settings the SDK gives an agent of ``model`` that sets none (only compared, never used)."""
+    if isinstance(model, Model):
+        return _NO_SETTINGS
+    # The SDK's default model is read from the environment on every call.
+    return _defaults_of(model or get_default_model())
+
+
+@functools.lru_cache(maxsize=64)
+def _defaults_of(name: str) -> ModelSettings:
+    return get_default_model_settings(name)  # 30 us, once per model name instead of once a turn
+
+
+_NO_SETTINGS = ModelSettings()
+
+
+Guardrail = TypeVar("Guardrail", InputGuardrail[Any], OutputGuardrail[Any])
+
+
+def guarded(guardrail: Guardrail, kind: GuardrailKind, sink: ToolSink) -> Guardrail:
+    """A copy of ``guardrail`` that tells ``sink`` the moment its tripwire fires.
+
+    The SDK only looks at a tripwire between its own steps (a streaming model's text keeps
+    flowing until the response ends); the turn stops the run at once instead.
+    """
+    check = guardrail.guardrail_function
+    name = guardrail.get_name()  # the copy's function is this wrapper: the name is given explicitly
+
+    async def checked(
+        context: RunContextWrapper[Any], agent: Agent[Any], value: Any
+    ) -> GuardrailFunctionOutput:
+        output = check(context, agent, value)
+        if inspect.isawaitable(output):
+            output = await output
+        if output.tripwire_triggered:
+            sink._guardrail_tripped(kind, name, output)
+        return output
+
+    return replace(guardrail, guardrail_function=checked, name=name)
 
 
 ErrorFunction = Callable[[RunContextWrapper[Any], Exception], str | Awaitable[str]]
@@ -272,8 +375,11 @@ class ToolHooks(RunHooks[Any]):
     async def on_agent_end(self, *args: Any, **kwargs: Any) -> None:
         await self._inner.on_agent_end(*args, **kwargs)
 
-    async def on_handoff(self, *args: Any, **kwargs: Any) -> None:
-        await self._inner.on_handoff(*args, **kwargs)
+    async def on_handoff(
+        self, context: RunContextWrapper[Any], from_agent: Agent[Any], to_agent: Agent[Any]
+    ) -> None:
+        self._turn._agent_changed(to_agent.name)
+        await self._inner.on_handoff(context, from_agent, to_agent)
 
 
 _REPORTING_CODE = _Reporting.__call__.__code__

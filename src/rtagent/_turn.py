@@ -21,8 +21,11 @@ from types import TracebackType
 from typing import Any, TypedDict, Unpack
 
 from agents import Agent, FunctionTool, ItemHelpers, RunConfig, RunContextWrapper, RunHooks, Runner, RunState
+from agents.guardrail import GuardrailFunctionOutput
+from agents.handoffs import Handoff
 from agents.items import ToolApprovalItem, TResponseInputItem, TResponseStreamEvent
 from agents.memory import Session
+from agents.models.interface import Model
 from agents.result import RunResultStreaming
 from agents.tool import Tool
 from openai.types.responses import (
@@ -34,8 +37,9 @@ from openai.types.responses import (
 )
 
 from ._buffer import MAX_PENDING_EVENTS, EventBuffer
-from ._errors import describe
+from ._errors import GuardrailTripwire, describe
 from ._events import (
+    AgentChanged,
     ApprovalRequested,
     Event,
     TextDelta,
@@ -50,7 +54,7 @@ from ._history import INTERRUPTED, STILL_RUNNING, not_answered, record_cut, reco
 from ._models import ModelSpec, resolve_model
 from ._result import ToolTiming, TurnMetrics, TurnResult
 from ._tap import Tap
-from ._tools import ToolHooks, instrument
+from ._tools import GuardrailKind, ToolHooks, guarded, instrument
 from ._unicode import scrub
 
 DEFAULT_MAX_TURNS = 10
@@ -62,7 +66,8 @@ class TurnOptions(TypedDict, total=False):
     session: Session | None
     """An SDK session: the turn reads history from it and saves the new items to it."""
     model: ModelSpec
-    """A spec string (``"local"``, ``"openai:gpt-4.1-mini"``, ...), a ready SDK ``Model``, or ``None``."""
+    """A spec string (``"local"``, ``"openai:gpt-4.1-mini"``, ...) or a ready SDK ``Model`` that every
+    agent of the turn runs on; ``None`` (the default): each agent runs on its own model."""
     context: Any
     max_turns: int
     run_config: RunConfig | None
@@ -130,8 +135,12 @@ class Turn:
         self._errors: dict[str, str] = {}
         self._kept: dict[str, tuple[str, str, asyncio.Future[Any]]] = {}
         self._tool_timings: list[ToolTiming] = []
-        # Each tool's ``needs_approval`` by name, and the calls that asked for it.
+        # The model call in progress: its tools' ``needs_approval`` by name, and its handoffs' names.
         self._rules: dict[str, object] = {}
+        self._handoffs: frozenset[str] = frozenset()
+        self._answering = agent.name  # the agent the person was last told of
+        self._tripped: GuardrailTripwire | None = None  # the tripwire that stopped the turn
+        # The calls that asked for approval.
         self._approvals: dict[str, ApprovalRequested] = {}
         self._pending: tuple[ApprovalRequested, ...] = ()
         self._state: str | None = None
@@ -174,17 +183,21 @@ class Turn:
         if self._task is None:  # never started: nothing ran, so it ends at once
             self._close(None)
             return
+        if self._sdk is None and self._after is not None:
+            # Still waiting for the turn before: that one stops too (a stop stops the conversation,
+            # whatever the policy), and this one then saves its message after that one's reply.
+            self._after.interrupt()
+        self._stop()
+        # Not cancelled before the run: cancelled before its first step, the task would never
+        # run, and the message the user sent (and saw) would never be saved.
+
+    def _stop(self) -> None:
+        """Close the model stream and cancel the run's tasks; drop the text nobody has taken yet."""
         dropped = self._events.drop_text()
         if dropped:
             self._trim(dropped)
         if self._sdk is not None:
             self._sdk.cancel()
-        elif self._after is not None:
-            # Still waiting for the turn before: that one stops too (a stop stops the conversation,
-            # whatever the policy), and this one then saves its message after that one's reply.
-            self._after.interrupt()
-        # Not cancelled before the run: cancelled before its first step, the task would never
-        # run, and the message the user sent (and saw) would never be saved.
 
     @property
     def done(self) -> bool:
@@ -273,20 +286,27 @@ class Turn:
     async def _run(self) -> None:
         options = self._options
         run_config = options.get("run_config") or RunConfig(tracing_disabled=True)
+        spec = options.get("model")
+        # The run config's model overrides every agent's: it is set only when the turn has one.
+        model = None if spec is None else Tap(resolve_model(spec, self.agent), self)
         run_config = replace(
             run_config,
-            model=Tap(resolve_model(options.get("model"), self.agent), self),
+            model=model,
+            input_guardrails=[guarded(g, "input", self) for g in run_config.input_guardrails or ()],
+            output_guardrails=[guarded(g, "output", self) for g in run_config.output_guardrails or ()],
             call_model_input_filter=with_cut_marks(run_config.call_model_input_filter),
         )
         agent = self.agent
         if options.get("tools"):
             agent = copy.copy(agent)  # the author's agent stays as it is
             agent.tools = [*agent.tools, *options.get("tools", ())]
-        agent = instrument(agent, self)
-        self._rules = {t.name: t.needs_approval for t in agent.tools if isinstance(t, FunctionTool)}
+        agent = instrument(agent, self, self._own_model if model is None else None)
         run_input: str | list[TResponseInputItem] | RunState[Any]
         if isinstance(self._input, Resume):
             run_input = await _resumed(agent, self._input, options.get("context"))
+            # It goes on with the agent it paused in, which a handoff may have made another one.
+            for item in run_input.get_interruptions()[:1]:
+                self._agent_changed(item.agent.name)
         else:
             run_input = self._input
         self._sdk = Runner.run_streamed(
@@ -303,6 +323,10 @@ class Turn:
         if self._sdk.interruptions and not self._interrupted:
             self._pause(self._sdk)
 
+    def _own_model(self, agent: Agent[Any]) -> Model:
+        """What ``agent`` runs on when the turn names no model: its own, tapped like any other."""
+        return Tap(resolve_model(None, agent), self)
+
     def _pause(self, sdk: RunResultStreaming) -> None:
         """The run paused for approvals: ask for the ones not asked yet, keep the run's state."""
         for item in sdk.interruptions:
@@ -314,6 +338,9 @@ class Turn:
         self._state = sdk.to_state().to_string(context_serializer=lambda _context: {})
 
     async def _end(self, error: BaseException | None) -> None:
+        # A tripped guardrail stopped the run, which then ended cancelled or raising its own
+        # tripwire error: the turn failed because of the guardrail either way.
+        error = self._tripped or error
         cut = error is not None or self._interrupted
         for call_id, (name, started) in list(self._running.items()):
             if call_id in self._kept:
@@ -355,7 +382,8 @@ class Turn:
         if error is None:
             self._events.put(TurnFinished(self._result))
         else:
-            self._events.put(TurnFailed(scrub(describe(error)), self.text, self._result))
+            guardrail = error.guardrail if isinstance(error, GuardrailTripwire) else None
+            self._events.put(TurnFailed(scrub(describe(error)), self.text, self._result, guardrail))
         self._ended.set()
 
     def _make_result(self, *, clean: bool) -> TurnResult:
@@ -389,10 +417,13 @@ class Turn:
 
     # -- what the tap, the hooks and the tools report -------------------------------------------
 
-    def _on_model_call(self) -> None:
+    def _on_model_call(self, tools: list[Tool], handoffs: list[Handoff]) -> None:
         self._model_calls += 1
         self._response_text = []
         self._response_calls = []
+        # Read from what this model is given: after a handoff, the agent and its tools are others.
+        self._rules = {t.name: t.needs_approval for t in tools if isinstance(t, FunctionTool)}
+        self._handoffs = frozenset(h.tool_name for h in handoffs)
         if self._model_calls > 1 or self._announced:
             # The turn's first Thinking went out at start; later model calls (after tools, which a
             # continued run may start with) get one too, so a front end can show that the agent is
@@ -435,7 +466,11 @@ class Turn:
     def _announce(self, item_id: str) -> None:
         call_id, name, chunks = self._pending_calls.pop(item_id)
         rule = self._rules.get(name, False)
-        if rule is True:
+        if name in self._handoffs:
+            # No tool runs: the SDK switches agent, which ``AgentChanged`` tells when it happens;
+            # a tool indicator would only wait for an end that no hook ever reports.
+            self._seen(call_id, name, "".join(chunks))
+        elif rule is True:
             self._request_approval(call_id, name, "".join(chunks))
         elif rule is False:
             self._tool_started(call_id, name, "".join(chunks))
@@ -479,6 +514,17 @@ class Turn:
         duration = time.perf_counter() - started
         self._tool_timings.append(ToolTiming(call_id, name, duration))
         self._events.put(ToolFinished(call_id, name, output, error, duration))
+
+    def _agent_changed(self, name: str) -> None:
+        if name != self._answering:
+            self._answering = name
+            self._events.put(AgentChanged(name))
+
+    def _guardrail_tripped(self, kind: GuardrailKind, name: str, output: GuardrailFunctionOutput) -> None:
+        if self._ended.is_set() or self._interrupted or self._tripped is not None:
+            return
+        self._tripped = GuardrailTripwire(kind, name, output.output_info)
+        self._stop()
 
     def _tool_progress(self, call_id: str, message: str, fraction: float | None) -> None:
         if call_id in self._running:
@@ -540,7 +586,7 @@ async def run(
     async with Turn(agent, input, **options) as turn:
         async for event in turn:
             if isinstance(event, TurnFailed):
-                raise TurnError(event.error, event.result)
+                raise TurnError(event.error, event.result, event.guardrail)
     return turn.result
 
 
@@ -552,8 +598,10 @@ def run_sync(
 
 
 class TurnError(Exception):
-    """A turn failed; ``result`` keeps what had been produced before the failure."""
+    """A turn failed; ``result`` keeps what had been produced before the failure, ``guardrail``
+    names the guardrail whose tripwire stopped it, if one did."""
 
-    def __init__(self, message: str, result: TurnResult) -> None:
+    def __init__(self, message: str, result: TurnResult, guardrail: str | None = None) -> None:
         super().__init__(message)
         self.result = result
+        self.guardrail = guardrail

@@ -19,11 +19,18 @@ ApprovalRequested  the same TOOL_CALL_START/ARGS/END (the model made the call), 
 ToolProgress       ACTIVITY_SNAPSHOT ``tool_progress`` {toolCallId, toolName, message, fraction, elapsedS}
 ToolFinished       TOOL_CALL_RESULT, ``metadata.rtagent`` = {durationS, error}; a final ACTIVITY_SNAPSHOT
                    (done) if the tool had reported progress
+AgentChanged       STEP_FINISHED for the agent that answered before, if it had a step; STEP_STARTED named
+                   after the agent now answering, ``metadata.rtagent.agent`` its name (closed by the next
+                   AgentChanged or the run's end); the steps "thinking" and text close first
 TurnFinished       RUN_FINISHED, ``result`` = {text, interrupted, metrics}; an interrupted turn also has
                    ``outcome: {"type": "cancelled"}``, a paused one ``{"type": "interrupt", "interrupts":
                    [...]}``: one ``tool_approval`` interrupt per waiting call, its id the call's id
-TurnFailed         RUN_ERROR ``code: "agent_error"`` with the one-line reason
+TurnFailed         RUN_ERROR ``code: "agent_error"`` with the one-line reason; ``"guardrail_tripwire"`` when a
+                   guardrail stopped the turn (the reason names it)
 =================  ====================================================================================
+
+Every step open when the run ends (the thinking step, an agent's step) closes before RUN_FINISHED or
+RUN_ERROR.
 """
 
 from __future__ import annotations
@@ -70,6 +77,7 @@ from pydantic import Field, SerializerFunctionWrapHandler
 from .._chat import Chat
 from .._errors import describe
 from .._events import (
+    AgentChanged,
     ApprovalRequested,
     Event,
     TextDelta,
@@ -113,6 +121,7 @@ class RunMapper:
     """Turns one rtagent turn into AG-UI events, keeping the open/close pairing the protocol requires."""
 
     __slots__ = (
+        "_agent",
         "_calls",
         "_client_tools",
         "_counter",
@@ -134,6 +143,7 @@ class RunMapper:
         self._thinking_since: float | None = None
         self._calls: dict[str, tuple[str, float]] = {}  # call id -> (tool name, announced at)
         self._progressed: set[str] = set()
+        self._agent: str | None = None  # the step of the agent answering now, once one has taken over
 
     def started(self) -> RunStartedEvent:
         return RunStartedEvent(
@@ -194,9 +204,17 @@ class RunMapper:
                     metadata={METADATA_KEY: meta},
                 )
             )
+        elif isinstance(event, AgentChanged):
+            # The last agent's thinking and text were its own: they close with its step.
+            self._end_thinking(out)
+            self._end_text(out)
+            self._end_agent(out)
+            self._agent = event.name
+            out.append(StepStartedEvent(step_name=event.name, metadata={METADATA_KEY: {"agent": event.name}}))
         else:
             self._end_thinking(out)
             self._end_text(out)
+            self._end_agent(out)
             if isinstance(event, TurnFinished):
                 outcome = _outcome(event.result, self._client_tools)
                 out.append(
@@ -208,7 +226,8 @@ class RunMapper:
                     )
                 )
             else:
-                out.append(RunErrorEvent(message=event.error, code="agent_error"))
+                code = "agent_error" if event.guardrail is None else "guardrail_tripwire"
+                out.append(RunErrorEvent(message=event.error, code=code))
         return out
 
     def _new_id(self) -> str:
@@ -225,6 +244,11 @@ class RunMapper:
             took = round(time.monotonic() - self._thinking_since, 4)
             out.append(StepFinishedEvent(step_name="thinking", metadata={METADATA_KEY: {"durationS": took}}))
             self._thinking_since = None
+
+    def _end_agent(self, out: list[BaseEvent]) -> None:
+        if self._agent is not None:
+            out.append(StepFinishedEvent(step_name=self._agent))
+            self._agent = None
 
     def _progress(self, call_id: str, content: dict[str, Any]) -> ActivitySnapshotEvent:
         name, since = self._calls.get(call_id, ("", time.monotonic()))

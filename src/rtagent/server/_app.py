@@ -108,7 +108,10 @@ class _Server:
         store: str | None = None,
     ) -> None:
         self.agent = agent
-        self.model = resolve_model(model, agent)  # a bad spec fails here, at start-up, in one line
+        # The chats get the spec, not the model it resolves to: without one, each agent of a run
+        # (after a handoff too) runs on its own model.
+        self.model = model
+        self.first_model = resolve_model(model, agent)  # a bad spec fails here, at start-up, in one line
         self.db = open_store(store, db_path)  # SQLite, PostgreSQL or Redis (see ``_engines``)
         self.paused = PausedRuns(self.db)
         # With Redis, replicas share the threads: one turn per thread across them (see ``_bus``).
@@ -502,7 +505,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await server.db.check()  # an engine it cannot reach fails the start, in one line
-        warm = getattr(server.model, "warm", None)
+        warm = getattr(server.first_model, "warm", None)
         if warm is not None:  # the embedded model starts now, not on the first person's message
             await warm(server.agent)
         if server.bus is not None:
