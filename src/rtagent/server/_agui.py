@@ -297,9 +297,12 @@ APPROVAL_SCHEMA: dict[str, Any] = {
 def _outcome(result: TurnResult) -> RunFinishedCancelledOutcome | RunFinishedInterruptOutcome | None:
     if result.interrupted:
         return RunFinishedCancelledOutcome()
-    if not result.pending:
-        return None
-    interrupts = [
+    return RunFinishedInterruptOutcome(interrupts=interrupts(result.pending)) if result.pending else None
+
+
+def interrupts(pending: Sequence[ApprovalRequested]) -> list[Interrupt]:
+    """One ``tool_approval`` interrupt per waiting call, its id the call's id."""
+    return [
         Interrupt(
             id=request.call_id,
             reason="tool_approval",
@@ -307,9 +310,8 @@ def _outcome(result: TurnResult) -> RunFinishedCancelledOutcome | RunFinishedInt
             tool_call_id=request.call_id,
             response_schema=APPROVAL_SCHEMA,
         )
-        for request in result.pending
+        for request in pending
     ]
-    return RunFinishedInterruptOutcome(interrupts=interrupts)
 
 
 def result_json(result: TurnResult) -> dict[str, Any]:
@@ -372,5 +374,5 @@ def history_messages(items: Sequence[TResponseInputItem]) -> list[Message]:
     return messages
 
 
-def dump(message: Message) -> dict[str, Any]:
-    return message.model_dump(mode="json", by_alias=True)
+def dump(model: Message | Interrupt) -> dict[str, Any]:
+    return model.model_dump(mode="json", by_alias=True)
