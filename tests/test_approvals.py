@@ -125,6 +125,31 @@ async def test_a_paused_run_is_continued_by_the_server_after_a_restart(tmp_path:
     assert text == "Refunded after the restart."
 
 
+async def test_the_messages_list_the_waiting_calls_also_after_a_restart(tmp_path: Path) -> None:
+    app, _ = app_for(tmp_path, ASK)
+    async with client(app) as http:
+        before = (await http.get("/threads/t1/messages")).status_code
+        await http.post("/agui", json=run_input("refund order 42"))
+        paused = (await http.get("/threads/t1/messages")).json()
+    restarted, _ = app_for(tmp_path, reply("Refunded."))  # same database file: the store's run
+    async with client(restarted) as http:
+        stored = (await http.get("/threads/t1/messages")).json()
+        await http.post("/agui", json=approve("call_1"))
+        answered = (await http.get("/threads/t1/messages")).json()
+    assert before == 404
+    waiting = {
+        "id": "call_1",
+        "reason": "tool_approval",
+        "message": 'Approve refund({"order":"42"})?',
+        "toolCallId": "call_1",
+        "responseSchema": APPROVAL_SCHEMA,
+    }
+    assert paused["interrupts"] == stored["interrupts"] == [waiting]
+    assert paused["messages"][-1]["toolCalls"][0]["id"] == "call_1"
+    assert answered["interrupts"] == []
+    assert [m["role"] for m in answered["messages"]] == ["user", "assistant", "tool", "assistant"]
+
+
 async def test_two_interrupts_are_answered_in_two_runs_in_either_order(tmp_path: Path) -> None:
     two = tool_calls(call("refund", {"order": "1"}), call("refund", {"order": "2"}))
     app, _ = app_for(tmp_path, two, reply("Done."))

@@ -27,6 +27,7 @@ from agents.tool import FunctionTool
 from playwright.sync_api import Browser, Page, Playwright, expect, sync_playwright
 
 import rtagent
+from rtagent._history import NOT_ANSWERED
 from rtagent.server._app import create_app
 from rtagent.server._websocket import WebSocketProtocol
 from rtagent.testing import ScriptedModel, Step, call, reply, tool_calls
@@ -305,3 +306,98 @@ def test_a_server_with_a_token_asks_for_it_once(
         refusals = ("401", "Authentication failed")
         assert all(any(r in error for r in refusals) for error in console_errors), console_errors
         console_errors.clear()
+
+
+def gated_refund(gate: threading.Event, refunds: list[str]) -> FunctionTool:
+    @function_tool(needs_approval=True)
+    async def refund(order: str) -> str:
+        """Refund an order."""
+        await asyncio.to_thread(gate.wait, 30)  # runs until the test has seen it running
+        refunds.append(order)
+        return f"refunded order {order}"
+
+    return refund
+
+
+def test_a_call_waits_for_approval_and_approve_runs_it_once_reject_never(page: Page, tmp_path: Path) -> None:
+    gate, refunds = threading.Event(), list[str]()
+    steps = [
+        tool_calls(call("refund", {"order": "42"}), text="Let me refund that. "),
+        reply("Refunded order 42.", delay=0.005),
+        tool_calls(call("refund", {"order": "7"})),
+        reply("OK, order 7 stays as it is.", delay=0.005),
+    ]
+    try:
+        with serving(steps, [gated_refund(gate, refunds)], tmp_path / "threads.db") as (url, model):
+            page.goto(url)
+            expect(page.locator("#status")).to_have_text("online")
+            send(page, "Refund order 42.")
+            card = page.locator(".tool")
+            expect(card).to_have_class("tool waiting")
+            expect(card.locator(".tool-out")).to_have_text("waiting for approval")
+            expect(page.locator("#stop")).to_be_hidden()  # the run has ended, paused
+
+            # The server still knows the run is paused: a reload asks again, on the same card.
+            page.reload()
+            expect(card.locator(".tool-label")).to_have_text("refund")
+            expect(card.locator(".tool-body pre")).to_have_text('{\n  "order": "42"\n}')
+            group = card.get_by_role("group", name='Approve refund({"order":"42"})?')
+            approve = group.get_by_role("button", name="Approve")
+            expect(approve).to_be_visible()
+            expect(group.get_by_role("button", name="Reject")).to_be_visible()
+            screenshot(page, "page-approval-waiting.png")
+
+            # By keyboard: Tab goes from the header through the card's line to Approve; Enter presses it.
+            page.locator("#new").focus()
+            page.keyboard.press("Tab")
+            page.keyboard.press("Tab")
+            expect(approve).to_be_focused()
+            page.keyboard.press("Enter")
+            expect(card).to_have_class("tool running")  # the same card runs it, not a second one
+            expect(card.locator(".tool-label")).to_have_text("using refund…")
+            expect(card.locator(".badge")).to_have_text("approved")
+            expect(page.locator(".tool")).to_have_count(1)
+            expect(card.locator(".approve")).to_be_disabled()
+            expect(card.locator("button:enabled")).to_have_count(0)
+            gate.set()
+            expect(card).to_have_class("tool done")
+            expect(card.locator(".tool-out")).to_have_text("refunded order 42")
+            expect(card.locator(".badge")).to_have_text("approved")
+            expect(page.locator(".turn .text").last).to_have_text("Refunded order 42.")
+            expect(page.locator("#stop")).to_be_hidden()
+            assert refunds == ["42"]
+            screenshot(page, "page-approval-approved.png")
+
+            send(page, "Refund order 7 as well.")
+            waiting = page.locator(".tool.waiting")
+            waiting.get_by_role("button", name="Reject").click()
+            rejected = page.locator(".tool.rejected")
+            expect(rejected.locator(".tool-out")).to_have_text("rejected")
+            expect(rejected.locator("button:enabled")).to_have_count(0)
+            expect(page.locator(".turn .text").last).to_have_text("OK, order 7 stays as it is.")
+            expect(page.locator(".tool")).to_have_count(2)
+            expect(page.locator("#input")).to_be_focused()  # the buttons folded away: typing goes on
+            screenshot(page, "page-approval-rejected.png")
+            assert refunds == ["42"]
+            assert [s.outcome for s in model.streams] == ["completed"] * 4
+    finally:
+        gate.set()  # a failed test must not leave the tool's thread waiting
+
+
+def test_a_message_sent_instead_of_an_answer_closes_the_call_unrun(page: Page, tmp_path: Path) -> None:
+    gate, refunds = threading.Event(), list[str]()
+    gate.set()  # open: the call must not run, and if it did, it would end rather than hang
+    steps = [tool_calls(call("refund", {"order": "9"})), reply("Fine, nothing refunded.", delay=0.005)]
+    with serving(steps, [gated_refund(gate, refunds)], tmp_path / "threads.db") as (url, model):
+        page.goto(url)
+        expect(page.locator("#status")).to_have_text("online")
+        send(page, "Refund order 9.")
+        expect(page.locator(".tool.waiting button")).to_have_count(2)
+        send(page, "Never mind.")  # the composer works while a call waits
+        closed = page.locator(".tool.unrun")
+        expect(closed.locator(".tool-out")).to_have_text("not run")
+        expect(closed.locator("button")).to_have_count(0)
+        expect(page.locator(".turn .text").last).to_have_text("Fine, nothing refunded.")
+        screenshot(page, "page-approval-not-run.png")
+        assert refunds == []
+        assert any(item.get("output") == NOT_ANSWERED for item in model.calls[-1].input)

@@ -347,7 +347,12 @@ def _outcome(result: TurnResult, client_tools: frozenset[str]) -> Outcome | None
     if not approvals:
         calls = [request.call_id for request in result.pending if request.name in client_tools]
         return RunFinishedSuccessOutcome(pending_tool_call_ids=calls) if calls else None
-    interrupts = [
+    return RunFinishedInterruptOutcome(interrupts=interrupts(approvals))
+
+
+def interrupts(pending: Sequence[ApprovalRequested]) -> list[Interrupt]:
+    """One ``tool_approval`` interrupt per waiting call, its id the call's id."""
+    return [
         Interrupt(
             id=request.call_id,
             reason="tool_approval",
@@ -355,9 +360,8 @@ def _outcome(result: TurnResult, client_tools: frozenset[str]) -> Outcome | None
             tool_call_id=request.call_id,
             response_schema=APPROVAL_SCHEMA,
         )
-        for request in approvals
+        for request in pending
     ]
-    return RunFinishedInterruptOutcome(interrupts=interrupts)
 
 
 def result_json(result: TurnResult) -> dict[str, Any]:
@@ -420,5 +424,5 @@ def history_messages(items: Sequence[TResponseInputItem]) -> list[Message]:
     return messages
 
 
-def dump(message: Message) -> dict[str, Any]:
-    return message.model_dump(mode="json", by_alias=True)
+def dump(model: Message | Interrupt) -> dict[str, Any]:
+    return model.model_dump(mode="json", by_alias=True)

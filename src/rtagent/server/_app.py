@@ -7,7 +7,8 @@
 ``GET /threads/{thread}/stream``           the thread's events after ``Last-Event-ID`` (or
                                            ``?after=ID``), then the live rest (204: none to stream)
 ``POST /threads/{thread}/stop``            interrupt the thread's running turn
-``GET /threads/{thread}/messages``         the history as AG-UI messages, to reload a page
+``GET /threads/{thread}/messages``         the history as AG-UI messages, to reload a page, and
+                                           the ``interrupts`` its paused run waits on, if any
 ``DELETE /threads/{thread}``               forget a conversation
 ``GET /healthz``, ``GET /metrics``         liveness; Prometheus metrics
 ``GET /``, ``/static/...``                 the browser page, when ``static/`` has one
@@ -60,11 +61,12 @@ from starlette.websockets import WebSocket
 
 from .._chat import Chat, Policy
 from .._errors import ApprovalError, RTAgentError, describe
+from .._events import ApprovalRequested
 from .._history import content_text, record_cut
 from .._loading import load_agent
 from .._models import ModelSpec, resolve_model
-from .._turn import Turn, TurnOptions
-from ._agui import AguiRun, dump, history_messages, log
+from .._turn import Turn, TurnOptions, pending_of
+from ._agui import AguiRun, dump, history_messages, interrupts, log
 from ._approvals import Answers, PausedRuns, answers_of
 from ._bus import Bus, FencedSession, check_redis
 from ._engines import check_store, open_store
@@ -391,7 +393,17 @@ class _Server:
         thread_id = request.path_params["thread_id"]
         chat = await self.known_chat(thread_id)
         messages = [dump(m) for m in history_messages(await chat.history())]
-        return JSONResponse({"threadId": thread_id, "messages": messages})
+        waiting = [dump(i) for i in interrupts(await self.pending(thread_id, chat))]
+        return JSONResponse({"threadId": thread_id, "messages": messages, "interrupts": waiting})
+
+    async def pending(self, thread_id: str, chat: Chat) -> tuple[ApprovalRequested, ...]:
+        """The calls the thread's paused run waits on, as ``_turn`` would take it up: the chat's,
+        else, with no turn running, the store's (paused on another replica, or before a restart).
+        A page reloading needs them: its history shows those calls only as calls without results."""
+        if chat.pending or (chat.turn is not None and not chat.turn.done):
+            return chat.pending
+        state = await self.paused.load(thread_id)
+        return () if state is None else await pending_of(chat.agent, state)
 
     async def delete(self, request: Request) -> Response:
         thread_id = request.path_params["thread_id"]

@@ -122,19 +122,92 @@ function progress(tool, content) {
   }
 }
 
-// `state` is "done", "failed" (`output` is then the error) or "stopped" (the reply was stopped first).
+// What a card that ended without an output of its own says on its line.
+const NOTES = { stopped: "stopped", rejected: "rejected", unrun: "not run" };
+
+// `state` is "done", "failed" (`output` is then the error), "stopped" (the reply was stopped
+// first), or for a call that waited for approval, "rejected" (the person said no) or "unrun" (they
+// sent a message instead).
 function finishTool(tool, state, output, durationS) {
-  tool.card.classList.replace("running", state);
+  tool.card.classList.remove("running", "waiting");
+  tool.card.classList.add(state);
   tool.bar.remove();
   tool.label.textContent = state === "failed" ? `${tool.name} failed` : tool.name;
   tool.meta.textContent = durationS != null ? secs(durationS) : "";
-  tool.out.textContent = state === "stopped" ? "stopped" : output;
+  tool.out.textContent = NOTES[state] ?? output;
+  toolBody(tool, el("div", "tool-head", state === "failed" ? "error" : "result"), el("pre", null, output));
+}
+
+// The card's unfolded part: the call's arguments, then `nodes` (this replaces an earlier one).
+function toolBody(tool, ...nodes) {
+  tool.card.querySelector(".tool-body")?.remove();
   const body = el("div", "tool-body");
   if (tool.args && tool.args !== "{}") {
     body.append(el("div", "tool-head", "arguments"), el("pre", null, pretty(tool.args)));
   }
-  body.append(el("div", "tool-head", state === "failed" ? "error" : "result"), el("pre", null, output));
+  body.append(...nodes);
   tool.card.append(body);
+}
+
+// A call the run paused on until the person approves or rejects it: its card unfolds on its
+// arguments and the two answers. `question` is the server's, for a screen reader.
+function askApproval(id, tool, question) {
+  if (tool.waiting) return; // asked already, by an earlier pause of the same run
+  tool.waiting = true;
+  tool.card.classList.replace("running", "waiting");
+  tool.label.textContent = tool.name;
+  tool.meta.textContent = "";
+  tool.out.textContent = "waiting for approval";
+  const approve = el("button", "approve", "Approve"), reject = el("button", "reject", "Reject");
+  approve.type = reject.type = "button";
+  approve.addEventListener("click", () => answer(id, tool, true));
+  reject.addEventListener("click", () => answer(id, tool, false));
+  const actions = el("div", "tool-actions");
+  actions.setAttribute("role", "group");
+  actions.setAttribute("aria-label", question);
+  actions.append(approve, reject);
+  toolBody(tool, actions);
+  tool.card.open = true;
+}
+
+// One call per answer: the server runs it (or tells the model no) and pauses again for the rest.
+function answer(id, tool, approved) {
+  if (!ready || !tool.waiting) return;
+  resuming = false;
+  socket.send(JSON.stringify({ type: "answer", [approved ? "approved" : "rejected"]: [id] }));
+  tool.waiting = false;
+  for (const button of tool.card.querySelectorAll(".tool-actions button")) button.disabled = true;
+  tool.card.open = false;
+  if (approved) {
+    tool.approved = true; // its run streams its call again: the same card shows it running
+    tool.out.textContent = "approved";
+    tool.card.querySelector("summary").append(el("span", "badge", "approved"));
+  } else {
+    finishTool(tool, "rejected", "(not run)", null);
+  }
+  input.focus(); // the focused button folded away with the card
+  setRunning(+1);
+}
+
+// A message sent instead of answering closes the waiting calls, unrun.
+function closeWaiting() {
+  for (const tool of tools.values()) {
+    if (!tool.waiting) continue;
+    tool.waiting = false;
+    tool.card.open = false;
+    finishTool(tool, "unrun", "(not run)", null);
+  }
+}
+
+// The approved call starts in the run that continues the paused one.
+function rerun(tool) {
+  tool.approved = false;
+  tool.args = ""; // its arguments stream again
+  tool.started = performance.now();
+  tool.card.classList.replace("waiting", "running");
+  tool.label.textContent = `using ${tool.name}…`;
+  tool.out.textContent = "";
+  tick();
 }
 
 function pretty(json) {
@@ -162,10 +235,12 @@ function tick() {
   }, 100);
 }
 
-// Calls that will never get a result (the reply was stopped) stop ticking.
+// Calls that will never get a result (the reply was stopped, or failed) stop ticking, and an
+// approved call its run did not get to is not left looking about to run.
 function settleTools() {
   for (const tool of tools.values()) {
-    if (tool.card.classList.contains("running")) finishTool(tool, "stopped", "(no result)", null);
+    const unfinished = tool.card.classList.contains("running") || tool.approved;
+    if (unfinished) finishTool(tool, "stopped", "(no result)", null);
   }
 }
 
@@ -187,7 +262,7 @@ function clear() {
   setRunning(null);
 }
 
-function renderHistory(messages) {
+function renderHistory(messages, interrupts) {
   clear();
   let group = null; // an assistant's messages and tool results since the last user message
   for (const m of messages) {
@@ -203,7 +278,16 @@ function renderHistory(messages) {
       finishTool(tools.get(m.toolCallId), "done", m.content, null);
     }
   }
+  askAll(interrupts);
   settleTools();
+}
+
+// The calls a run paused on: from its RUN_FINISHED, or after a reload from the history's answer.
+function askAll(interrupts) {
+  for (const i of interrupts ?? []) {
+    const tool = i.reason === "tool_approval" && tools.get(i.toolCallId);
+    if (tool) askApproval(i.toolCallId, tool, i.message);
+  }
 }
 
 // -- the AG-UI events ---------------------------------------------------------------------------
@@ -232,7 +316,8 @@ function handle(e) {
       break;
     }
     case "TOOL_CALL_START":
-      addTool(current(), e.toolCallId, e.toolCallName, "");
+      if (tools.get(e.toolCallId)?.approved) rerun(tools.get(e.toolCallId));
+      else addTool(current(), e.toolCallId, e.toolCallName, "");
       break;
     case "TOOL_CALL_ARGS":
       if (tools.has(e.toolCallId)) tools.get(e.toolCallId).args += e.delta;
@@ -257,6 +342,7 @@ function handle(e) {
         settleTools();
         markInterrupted(current());
       }
+      if (e.outcome?.type === "interrupt") askAll(e.outcome.interrupts);
       turn = null;
       setRunning(-1);
       break;
@@ -306,7 +392,8 @@ async function loadHistory(probe) {
   }
   if (response.status === 404) return renderHistory([]); // e.g. deleted meanwhile
   if (!response.ok) throw new Error(`the history answered ${response.status}`);
-  renderHistory((await response.json()).messages);
+  const history = await response.json();
+  renderHistory(history.messages, history.interrupts);
   log.scrollTop = log.scrollHeight;
 }
 
@@ -362,6 +449,7 @@ function send() {
   if (!text.trim() || !ready) return;
   resuming = false;
   socket.send(JSON.stringify({ type: "send", text }));
+  closeWaiting();
   if (fresh) {
     // Only now is the conversation worth coming back to after a reload.
     fresh = false;
