@@ -19,10 +19,11 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvicorn
-from agents import Agent, function_tool
+from agents import Agent, GuardrailFunctionOutput, RunContextWrapper, function_tool, input_guardrail
 from agents.tool import FunctionTool
 from playwright.sync_api import Browser, Page, Playwright, expect, sync_playwright
 
@@ -83,11 +84,13 @@ def browser(playwright: Playwright) -> Iterator[Browser]:
 
 @contextmanager
 def serving(
-    steps: Sequence[Step], tools: Sequence[FunctionTool], db: Path, token: str | None = None
+    steps: Sequence[Step], tools: Sequence[FunctionTool], db: Path, token: str | None = None, **agent: Any
 ) -> Iterator[tuple[str, ScriptedModel]]:
-    """uvicorn on a random loopback port, in a thread: the sync Playwright API owns the test's thread."""
+    """uvicorn on a random loopback port, in a thread: the sync Playwright API owns the test's thread.
+    ``agent``: more of the agent's fields (handoffs, guardrails); the one model runs every agent."""
     model = ScriptedModel(steps)
-    app = create_app(Agent(name="helper", tools=list(tools)), model=model, db_path=db, token=token)
+    helper = Agent(name="helper", tools=list(tools), **agent)
+    app = create_app(helper, model=model, db_path=db, token=token)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     config = uvicorn.Config(app, log_level="warning", ws=WebSocketProtocol, timeout_graceful_shutdown=5)
@@ -401,3 +404,30 @@ def test_a_message_sent_instead_of_an_answer_closes_the_call_unrun(page: Page, t
         screenshot(page, "page-approval-not-run.png")
         assert refunds == []
         assert any(item.get("output") == NOT_ANSWERED for item in model.calls[-1].input)
+
+
+@input_guardrail
+async def no_card_numbers(
+    _context: RunContextWrapper[Any], _agent: Agent[Any], message: Any
+) -> GuardrailFunctionOutput:
+    found = re.search(r"\d{4} \d{4} \d{4} \d{4}", str(message)) is not None
+    return GuardrailFunctionOutput(output_info="a card number", tripwire_triggered=found)
+
+
+def test_a_handoff_says_who_answers_and_a_guardrail_stops_the_reply(page: Page, tmp_path: Path) -> None:
+    steps = [
+        tool_calls(call("transfer_to_billing", {})),
+        reply("Your last invoice is paid."),
+        reply(LONG_REPLY, delay=0.05),
+    ]
+    billing = Agent(name="billing")
+    with serving(
+        steps, [], tmp_path / "threads.db", handoffs=[billing], input_guardrails=[no_card_numbers]
+    ) as (url, _):
+        page.goto(url)
+        send(page, "Is my invoice paid?")
+        expect(page.locator(".agent")).to_have_text("billing is answering")
+        expect(page.locator(".turn .text").last).to_have_text("Your last invoice is paid.")
+        send(page, "my card is 4111 1111 1111 1111")
+        expect(page.locator(".notice.error")).to_contain_text("no_card_numbers")
+        screenshot(page, "page-handoff-and-guardrail.png")

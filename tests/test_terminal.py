@@ -260,6 +260,20 @@ def test_approvals_answered_by_piped_lines() -> None:
     assert "That is settled." in piped.stdout
 
 
+def test_a_handoff_says_who_answers_now(chat: pexpect.spawn[str]) -> None:
+    say(chat, "a billing question")
+    chat.expect_exact("→ billing is answering")
+    chat.expect_exact("Billing here: your last invoice is paid.")
+
+
+def test_a_guardrail_stops_the_reply_at_once_and_says_so(chat: pexpect.spawn[str]) -> None:
+    say(chat, "my secret is 42")
+    chat.expect_exact("stopped: the input guardrail no_secrets stopped the turn: it holds a secret")
+    assert "word" not in str(chat.before)
+    say(chat, "hello")
+    chat.expect_exact("You said: hello")
+
+
 def test_ctrl_c_at_the_prompt_does_not_leave(chat: pexpect.spawn[str]) -> None:
     chat.expect(PROMPT)
     chat.sendintr()

@@ -27,6 +27,7 @@ from prompt_toolkit import PromptSession
 from prompt_toolkit.application import get_app_or_none, run_in_terminal
 
 from ._events import (
+    AgentChanged,
     ApprovalRequested,
     Event,
     TextDelta,
@@ -113,6 +114,9 @@ class _Screen:
                 self._waiting = None
                 self._write(text)
                 self._mid_line = not text.endswith("\n")
+            case AgentChanged(name=name):
+                self.line(f"{name} is answering", self._paint("2", "→"))
+                self.draw()
             case ApprovalRequested():
                 self._waiting = None  # asked once the reply has ended
                 self._end_line()
@@ -136,6 +140,8 @@ class _Screen:
                 self.draw()
             case TurnFinished(result=result) if result.interrupted:
                 self.interrupted()
+            case TurnFailed(error=error, guardrail=guardrail) if guardrail is not None:
+                self.end(self._paint("31", f"stopped: {error}"), same_line=True)
             case TurnFailed(error=error):
                 self.end(self._paint("31", f"error: {error}"))
             case TurnFinished():

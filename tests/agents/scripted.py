@@ -7,6 +7,8 @@ broken    a tool that raises
 long      a long reply streamed slowly (something to interrupt)
 fail      the model fails in the middle of its reply
 refund    a call to a tool that needs a person's approval, then a reply ("two refunds": two calls)
+billing   a handoff to the billing agent, which answers on a model of its own
+secret    a long reply that the input guardrail stops at once
 think     a reply that takes 0.8 s to start
 otherwise an echo that counts the user's messages, which shows the history is kept, and says
           where the model's last reply was cut off, if it was (what the history kept of it)
@@ -17,7 +19,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from agents import Agent, function_tool
+from agents import Agent, GuardrailFunctionOutput, RunContextWrapper, function_tool, input_guardrail
 from agents.models.interface import Model
 
 import rtagent
@@ -68,6 +70,10 @@ def _script(text: str, messages: int, last_reply: str, answered: bool) -> list[S
     if "both" in text:
         calls = tool_calls(call("delayed_lookup", {"query": "y"}), call("search", {"query": "dogs"}))
         return [calls, reply("Both done.", delay=0.02)]
+    if "billing" in text:
+        return [tool_calls(call("transfer_to_billing", {}))]
+    if "secret" in text:
+        return [reply(LONG, delay=0.05)]
     if "refund" in text:
         # Answered: a run continued after the approval, maybe in another process than the call.
         settled = reply("That is settled.", delay=0.02)
@@ -124,6 +130,31 @@ class ByKeyword(Model):
         return self._for(input).stream_response(system_instructions, input, *args, **kwargs)
 
 
-agent = Agent(name="Scripted", model=ByKeyword(), tools=[delayed_lookup, search, broken, refund])
+class Billing(ScriptedModel):
+    """The billing agent's own model: the same answer to every request."""
+
+    def stream_response(self, *args: Any, **kwargs: Any) -> Any:
+        self.enqueue(reply("Billing here: your last invoice is paid.", delay=0.02))
+        return super().stream_response(*args, **kwargs)
+
+
+@input_guardrail
+async def no_secrets(
+    _context: RunContextWrapper[Any], _agent: Agent[Any], given: str | list[Any]
+) -> GuardrailFunctionOutput:
+    # The SDK gives the whole input, history included: only the new message counts.
+    users = [{"content": given}] if isinstance(given, str) else [i for i in given if i.get("role") == "user"]
+    found = bool(users) and "secret" in _text(users[-1])
+    return GuardrailFunctionOutput(output_info="it holds a secret", tripwire_triggered=found)
+
+
+billing = Agent(name="billing", model=Billing())
+agent = Agent(
+    name="Scripted",
+    model=ByKeyword(),
+    tools=[delayed_lookup, search, broken, refund],
+    handoffs=[billing],
+    input_guardrails=[no_secrets],
+)
 
 not_an_agent = 42

@@ -299,9 +299,12 @@ function handle(e) {
       if (resuming) setRunning(+1); // a replayed run, which no send of this page counted
       resuming = false;
       break;
-    case "STEP_STARTED":
-      if (e.stepName === "thinking") append(el("div", "thinking", "thinking"), current());
+    case "STEP_STARTED": {
+      const agent = e.metadata?.rtagent?.agent; // a handoff: another agent answers from now on
+      if (agent) append(el("div", "agent", `${agent} is answering`), current());
+      else if (e.stepName === "thinking") append(el("div", "thinking", "thinking"), current());
       break;
+    }
     case "STEP_FINISHED":
       current().querySelector(".thinking")?.remove();
       break;
@@ -349,6 +352,8 @@ function handle(e) {
     case "RUN_ERROR":
       current().querySelector(".thinking")?.remove();
       settleTools();
+      // A guardrail stopped the reply: what was shown of it stays, as cut.
+      if (e.code === "guardrail_tripwire" && current().querySelector(".text")) markInterrupted(current());
       addNotice(e.message || "the reply failed", current());
       turn = null;
       setRunning(-1);
