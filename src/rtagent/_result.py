@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from agents.items import RunItem
 
@@ -19,6 +19,23 @@ class ToolTiming:
 
 
 @dataclass(frozen=True, slots=True)
+class CacheUse:
+    """What one cache did for a turn."""
+
+    cache: str
+    """Which cache: ``"reply"``."""
+    hit: bool
+    match: Literal["exact", "semantic"] | None = None
+    """How a hit matched."""
+    similarity: float | None = None
+    """A semantic hit's cosine similarity to the stored message."""
+    bytes: int = 0
+    """Bytes served (a hit) or stored (a miss whose turn was stored; 0 when it was not)."""
+    stored_bytes: int = 0
+    """The cache's size after the turn (in a shared store: what this process wrote)."""
+
+
+@dataclass(frozen=True, slots=True)
 class TurnMetrics:
     """Latency figures of one turn, all measured from the moment the turn started."""
 
@@ -30,6 +47,8 @@ class TurnMetrics:
     """Output tokens over the time from the first to the last text delta."""
     tools: tuple[ToolTiming, ...]
     total_s: float
+    caches: tuple[CacheUse, ...] = ()
+    """What each cache the turn asked did (empty when it asked none)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,3 +67,5 @@ class TurnResult:
     """The paused run, as the SDK's ``RunState.to_string()`` (without the run's context, which
     the turn that continues it supplies): what continues it in another process or after a
     restart (``Chat.restore``). ``None`` unless ``pending``."""
+    cached: bool = False
+    """The reply came from the reply cache: no model call (``metrics.caches`` says how it matched)."""

@@ -52,7 +52,8 @@ from ._events import (
 )
 from ._history import INTERRUPTED, STILL_RUNNING, not_answered, record_cut, record_late, with_cut_marks
 from ._models import ModelSpec, resolve_model
-from ._result import ToolTiming, TurnMetrics, TurnResult
+from ._replycache import CachedReply, Lookup, ReplyCache, fingerprint, may_store
+from ._result import CacheUse, ToolTiming, TurnMetrics, TurnResult
 from ._tap import Tap
 from ._tools import GuardrailKind, ToolHooks, guarded, instrument
 from ._unicode import scrub
@@ -75,6 +76,9 @@ class TurnOptions(TypedDict, total=False):
     """Your own SDK run hooks; rtagent forwards every callback to them."""
     tools: Sequence[Tool]
     """Tools this turn adds to the agent's own (an AG-UI client's, for instance)."""
+    reply_cache: ReplyCache | None
+    """Serve a stored reply when the agent, history and message match a stored turn's, and store
+    this turn's for the next (see ``ReplyCache``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +148,7 @@ class Turn:
         self._approvals: dict[str, ApprovalRequested] = {}
         self._pending: tuple[ApprovalRequested, ...] = ()
         self._state: str | None = None
+        self._cache_use: CacheUse | None = None
 
     @classmethod
     def paused(
@@ -300,6 +305,17 @@ class Turn:
         if options.get("tools"):
             agent = copy.copy(agent)  # the author's agent stays as it is
             agent.tools = [*agent.tools, *options.get("tools", ())]
+        cache = options.get("reply_cache")
+        lookup = None
+        if cache is not None and not isinstance(self._input, Resume):
+            # The key names the model the first agent runs on: the turn's, else the agent's own.
+            lookup = await self._ask(cache, agent, str(resolve_model(spec, self.agent)), self._input)
+            if self._interrupted:
+                return
+            if lookup is not None and lookup.hit is not None:
+                await self._replay(lookup, lookup.hit)
+                return
+        tools = {tool.name: tool for tool in agent.tools}  # the author's, before ``instrument`` wraps them
         agent = instrument(agent, self, self._own_model if model is None else None)
         run_input: str | list[TResponseInputItem] | RunState[Any]
         if isinstance(self._input, Resume):
@@ -322,6 +338,56 @@ class Turn:
             pass
         if self._sdk.interruptions and not self._interrupted:
             self._pause(self._sdk)
+        elif cache is not None and lookup is not None:
+            await self._store(cache, lookup, self._sdk, tools)
+
+    async def _ask(
+        self, cache: ReplyCache, agent: Agent[Any], model: str, message: str | list[TResponseInputItem]
+    ) -> Lookup | None:
+        """The reply cache's answer for this turn; ``None`` when the agent cannot be fingerprinted."""
+        options = self._options
+        key = await fingerprint(agent, agent.tools, model, options.get("context"))
+        if key is None:
+            return None
+        session = options.get("session")
+        history = await session.get_items() if session is not None else []
+        lookup = await cache.lookup(key, history, message)
+        self._cache_use = CacheUse(
+            "reply",
+            hit=lookup.hit is not None,
+            match=lookup.match,
+            similarity=lookup.similarity,
+            stored_bytes=cache.store.stored_bytes(),
+        )
+        return lookup
+
+    async def _replay(self, lookup: Lookup, hit: CachedReply) -> None:
+        """Serve a stored reply: its deltas at once, then the history as the stored turn left it."""
+        assert self._cache_use is not None
+        self._cache_use = replace(self._cache_use, bytes=len(hit.encode()))
+        for delta in hit.deltas:
+            self._on_text(delta)
+        session = self._options.get("session")
+        if session is not None:
+            # Whole even if the person stops it now: it was delivered at once, and a cut here
+            # would only record how fast the front end read it.
+            assert not isinstance(self._input, Resume)  # a resumed run never asks the cache
+            message = ItemHelpers.input_to_new_input_list(self._input)
+            await session.add_items([*message, *hit.items])
+
+    async def _store(
+        self, cache: ReplyCache, lookup: Lookup, sdk: RunResultStreaming, tools: Mapping[str, Tool]
+    ) -> None:
+        called = {timing.name for timing in self._tool_timings}
+        if self._interrupted or not self._text or not may_store(tools, called):
+            return
+        # Without the ids the server gave them: replayed into another conversation, they are new.
+        items = tuple(
+            {k: v for k, v in dict(item.to_input_item()).items() if k != "id"} for item in sdk.new_items
+        )
+        size = await cache.put(lookup, CachedReply(tuple(self._text), items))  # type: ignore[arg-type]
+        if self._cache_use is not None:
+            self._cache_use = replace(self._cache_use, bytes=size, stored_bytes=cache.store.stored_bytes())
 
     def _own_model(self, agent: Agent[Any]) -> Model:
         """What ``agent`` runs on when the turn names no model: its own, tapped like any other."""
@@ -352,7 +418,8 @@ class Turn:
             if call_id in self._announced and call_id not in self._outputs:
                 self._finish_tool(call_id, name, INTERRUPTED, "interrupted", time.perf_counter())
         session = self._options.get("session")
-        if cut and session is not None:
+        replayed = self._cache_use is not None and self._cache_use.hit  # it saved its own history
+        if cut and session is not None and not replayed:
             outputs = {**self._outputs, **dict.fromkeys(self._kept, STILL_RUNNING)}
             try:
                 # The SDK saves the message only just before its first model call (and says so in
@@ -392,21 +459,25 @@ class Turn:
         tokens = usage_tokens or self._deltas
         first, last = self._first_token_at, self._last_token_at
         streaming_s = last - first if first is not None and last is not None else 0.0
+        cached = self._cache_use is not None and self._cache_use.hit
         metrics = TurnMetrics(
             time_to_first_token_s=None if first is None else first - self._started_at,
             tokens=tokens,
             tokens_per_s=tokens / streaming_s if streaming_s > 0 else None,
             tools=tuple(self._tool_timings),
             total_s=time.perf_counter() - self._started_at,
+            caches=() if self._cache_use is None else (self._cache_use,),
         )
+        final_output = sdk.final_output if sdk is not None else None
         return TurnResult(
             text=self.text,
             interrupted=self._interrupted,
             metrics=metrics,
             new_items=list(sdk.new_items) if sdk is not None else [],
-            final_output=sdk.final_output if sdk is not None else None,
+            final_output=self.text if cached and clean else final_output,
             pending=self._pending if clean else (),
             state=self._state if clean else None,
+            cached=cached,
         )
 
     def _trim(self, chars: int) -> None:
@@ -432,16 +503,8 @@ class Turn:
 
     def _on_model_event(self, event: TResponseStreamEvent) -> None:
         if isinstance(event, ResponseTextDeltaEvent):
-            now = time.perf_counter()
-            if self._first_token_at is None:
-                self._first_token_at = now
-            self._last_token_at = now
-            self._deltas += 1
             # A model server's JSON may carry lone surrogates, which no front end can encode.
-            delta = scrub(event.delta)
-            self._text.append(delta)
-            self._response_text.append(delta)
-            self._events.put(TextDelta(delta))
+            self._on_text(scrub(event.delta))
         elif isinstance(event, ResponseOutputItemAddedEvent):
             item = event.item
             if isinstance(item, ResponseFunctionToolCall):
@@ -462,6 +525,16 @@ class Turn:
                 item_id = item.id or item.call_id
                 self._pending_calls[item_id] = (item.call_id, item.name, [item.arguments])
                 self._announce(item_id)
+
+    def _on_text(self, delta: str) -> None:
+        now = time.perf_counter()
+        if self._first_token_at is None:
+            self._first_token_at = now
+        self._last_token_at = now
+        self._deltas += 1
+        self._text.append(delta)
+        self._response_text.append(delta)
+        self._events.put(TextDelta(delta))
 
     def _announce(self, item_id: str) -> None:
         call_id, name, chunks = self._pending_calls.pop(item_id)
