@@ -7,12 +7,16 @@ import json
 from pathlib import Path
 from typing import Any, Unpack
 
+import httpx
+import pytest
 from agents import Agent, function_tool
 
 import rtagent
 from rtagent import TextDelta, TurnFinished
+from rtagent._cli import main
 from rtagent._embedding import shared_embedder
-from rtagent._replycache import MemoryStore, ReplyCache, replayable, same_slots
+from rtagent._replycache import MemoryStore, RedisStore, ReplyCache, replayable, same_slots
+from rtagent.server import create_app
 from rtagent.testing import ScriptedModel, call, reply, tool_calls
 
 PAIRS = Path(__file__).parent / "data" / "paraphrases.jsonl"
@@ -196,3 +200,60 @@ async def test_turn_finished_carries_the_cache_mark() -> None:
         events = [event async for event in turn]
     assert isinstance(events[-1], TurnFinished)
     assert events[-1].result.cached
+
+
+# -- served ---------------------------------------------------------------------------------------
+
+
+def finished_result(body: str) -> dict[str, Any]:
+    events = [json.loads(line[6:]) for line in body.split("\n") if line.startswith("data: ")]
+    result: dict[str, Any] = next(e for e in events if e["type"] == "RUN_FINISHED")["result"]
+    result["deltas"] = [e["delta"] for e in events if e["type"] == "TEXT_MESSAGE_CONTENT"]
+    return result
+
+
+def ask(text: str, thread: str) -> dict[str, Any]:
+    message = {"id": f"u-{thread}", "role": "user", "content": text}
+    return {"threadId": thread, "runId": "r", "messages": [message], "state": {}, "tools": [], "context": []}
+
+
+async def test_the_server_serves_a_stored_reply_to_another_thread_and_counts_it(tmp_path: Path) -> None:
+    model = ScriptedModel([reply("We ship in two days.", chunks=2)])
+    app = create_app(
+        Agent(name="shop"), model=model, db_path=tmp_path / "threads.db", reply_cache=ReplyCache()
+    )
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
+            first = finished_result((await http.post("/agui", json=ask("When do you ship?", "a"))).text)
+            second = finished_result((await http.post("/agui", json=ask("When do you ship?", "b"))).text)
+            metrics = (await http.get("/metrics")).text
+    assert not first["cached"]
+    assert second["cached"]
+    assert second["deltas"] == first["deltas"] == ["We ship in", " two days."]
+    assert second["metrics"]["caches"][0]["match"] == "exact"
+    for line in (
+        'rtagent_cache_hits_total{cache="reply",match="exact"} 1.0',
+        'rtagent_cache_misses_total{cache="reply"} 1.0',
+        'rtagent_cache_bytes_total{cache="reply",direction="served"}',
+        'rtagent_cache_stored_bytes{cache="reply"}',
+    ):
+        assert line in metrics
+
+
+async def test_replicas_share_exact_replies_over_redis_and_cache_clear_forgets_them(
+    tmp_path: Path, redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    agent = Agent(name="shop", instructions="Be brief.")
+    one = ReplyCache(store=RedisStore(redis_url))
+    model = ScriptedModel([reply("Shared reply."), reply("Fresh reply.")])
+    await rtagent.run(agent, "hi", model=model, reply_cache=one)
+    other = ReplyCache(store=RedisStore(redis_url))  # another replica: its own process, same Redis
+    result = await rtagent.run(agent, "hi", model=model, reply_cache=other)
+    assert result.cached
+    assert result.text == "Shared reply."
+    assert await asyncio.to_thread(main, ["cache", "clear", "--redis", redis_url]) == 0
+    assert "cleared 1 stored replies" in capsys.readouterr().out
+    result = await rtagent.run(agent, "hi", model=model, reply_cache=other)
+    assert not result.cached
+    assert result.text == "Fresh reply."

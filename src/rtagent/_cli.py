@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Callable, Sequence
 
 from . import __version__
@@ -84,7 +85,27 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="seconds a turn keeps running for a client that went away to reconnect (default: 15; 0: none)",
     )
+    serve.add_argument(
+        "--reply-cache",
+        choices=["exact", "semantic"],
+        help="serve a stored reply when agent, history and message match a stored turn "
+        "(semantic: or a message saying the same; needs rtagent[cache]); shared over --redis",
+    )
+    serve.add_argument(
+        "--reply-cache-ttl", type=float, metavar="S", help="seconds a reply stays (default: 86400)"
+    )
     serve.set_defaults(run=_serve)
+
+    cache = commands.add_parser("cache", help="manage the shared caches", description="Manage the caches.")
+    cache_commands = cache.add_subparsers(metavar="ACTION", required=True)
+    clear = cache_commands.add_parser(
+        "clear",
+        help="forget every stored reply in the shared Redis",
+        description="Forget every reply stored in the Redis that servers share (serve --redis); a "
+        "server without Redis keeps its cache in memory, and a restart clears it.",
+    )
+    clear.add_argument("--redis", metavar="URL", help="the Redis the servers share ($RTAGENT_REDIS)")
+    clear.set_defaults(run=_cache_clear)
     return parser
 
 
@@ -104,6 +125,34 @@ def _serve(args: argparse.Namespace) -> int:
 
     args.model = model_spec(args.model)
     return serve_main(args)
+
+
+def _cache_clear(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from redis.exceptions import RedisError
+
+    from ._replycache import RedisStore
+
+    url = args.redis or os.environ.get("RTAGENT_REDIS")
+    if not url:
+        print("rtagent cache clear: name the Redis with --redis URL (or RTAGENT_REDIS)", file=sys.stderr)
+        return 2
+
+    async def clear() -> int:
+        store = RedisStore(url)
+        try:
+            return await store.clear()
+        finally:
+            await store.aclose()
+
+    try:
+        cleared = asyncio.run(clear())
+    except RedisError as exc:
+        print(f"rtagent cache clear: cannot clear the Redis at {url}: {exc}", file=sys.stderr)
+        return 1
+    print(f"cleared {cleared} stored replies")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

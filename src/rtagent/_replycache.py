@@ -261,6 +261,9 @@ class RedisStore:
         """What this process has written (Redis may have expired some of it since)."""
         return self._bytes
 
+    async def aclose(self) -> None:
+        await self._redis.aclose()
+
 
 @dataclass(slots=True)
 class _Bucket:

@@ -142,6 +142,8 @@ class _Screen:
                 self.interrupted()
             case TurnFailed(error=error, guardrail=guardrail) if guardrail is not None:
                 self.end(self._paint("31", f"stopped: {error}"), same_line=True)
+            case TurnFinished(result=result) if result.cached:
+                self.end(self._paint("2", "[cached]"), same_line=True)
             case TurnFailed(error=error):
                 self.end(self._paint("31", f"error: {error}"))
             case TurnFinished():

@@ -369,6 +369,7 @@ def result_json(result: TurnResult) -> dict[str, Any]:
     return {
         "text": result.text,
         "interrupted": result.interrupted,
+        "cached": result.cached,
         "metrics": {
             "timeToFirstTokenS": metrics.time_to_first_token_s,
             "tokens": metrics.tokens,
@@ -376,6 +377,16 @@ def result_json(result: TurnResult) -> dict[str, Any]:
             "totalS": metrics.total_s,
             "tools": [
                 {"toolCallId": t.call_id, "name": t.name, "durationS": t.duration_s} for t in metrics.tools
+            ],
+            "caches": [
+                {
+                    "cache": c.cache,
+                    "hit": c.hit,
+                    "match": c.match,
+                    "similarity": c.similarity,
+                    "bytes": c.bytes,
+                }
+                for c in metrics.caches
             ],
         },
     }

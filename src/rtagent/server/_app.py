@@ -65,6 +65,7 @@ from .._events import ApprovalRequested
 from .._history import content_text, record_cut
 from .._loading import load_agent
 from .._models import ModelSpec, resolve_model
+from .._replycache import DEFAULT_TTL_S, RedisStore, ReplyCache
 from .._turn import Turn, TurnOptions, pending_of
 from ._agui import AguiRun, dump, history_messages, interrupts, log
 from ._approvals import Answers, PausedRuns, answers_of
@@ -108,8 +109,10 @@ class _Server:
         disconnect_grace: float = 15.0,
         lease_s: float = 5.0,
         store: str | None = None,
+        reply_cache: ReplyCache | None = None,
     ) -> None:
         self.agent = agent
+        self.reply_cache = reply_cache
         # The chats get the spec, not the model it resolves to: without one, each agent of a run
         # (after a handoff too) runs on its own model.
         self.model = model
@@ -154,7 +157,13 @@ class _Server:
             session: Session = self.db.session(thread_id)  # no I/O: read when a turn needs it
             if self.bus is not None:
                 session = FencedSession(session, self.bus, thread_id)
-            chat = Chat(self.agent, session=session, policy=self.policy, model=self.model)
+            chat = Chat(
+                self.agent,
+                session=session,
+                policy=self.policy,
+                model=self.model,
+                reply_cache=self.reply_cache,
+            )
             self._chats[thread_id] = chat
             self.metrics.sessions.set(len(self._chats))
         self._chats.move_to_end(thread_id)
@@ -464,6 +473,7 @@ def create_app(
     disconnect_grace: float = 15.0,
     lease_s: float = 5.0,
     store: str | None = None,
+    reply_cache: ReplyCache | None = None,
 ) -> Starlette:
     """The ASGI app serving ``agent`` (run it with uvicorn); see the module docstring for the API.
 
@@ -479,9 +489,20 @@ def create_app(
     come back (0: it is interrupted at once).
     ``store``: instead of ``db_path``, a URL: ``sqlite:///PATH``, ``postgresql://...`` or
     ``redis://...`` (see ``_engines``); it is connected to when the app starts.
+    ``reply_cache``: every conversation's turns ask it first (see ``ReplyCache``; ``serve
+    --reply-cache exact|semantic``).
     """
     server = _Server(
-        agent, model, db_path, policy, limits or Limits(), redis, disconnect_grace, lease_s, store
+        agent,
+        model,
+        db_path,
+        policy,
+        limits or Limits(),
+        redis,
+        disconnect_grace,
+        lease_s,
+        store,
+        reply_cache,
     )
     thread = "/threads/{thread_id}"
     routes: list[Route | WebSocketRoute | Mount] = [
@@ -520,6 +541,8 @@ def create_app(
         warm = getattr(server.first_model, "warm", None)
         if warm is not None:  # the embedded model starts now, not on the first person's message
             await warm(server.agent)
+        if server.reply_cache is not None:
+            await server.reply_cache.warm()
         if server.bus is not None:
             await server.bus.start(server.answer, server.interrupt_here)
         # The SDK, openai and pydantic leave some 200,000 objects that live as long as the process;
@@ -545,7 +568,8 @@ def create_app(
 def serve_main(args: argparse.Namespace) -> int:
     """``rtagent serve [AGENT] [--model SPEC] [--host H] [--port P] [--token T] [--db PATH | --store URL]
     [--cors-origin ORIGIN]... [--allowed-host NAME]... [--max-turns N] [--rate-limit PER_S]
-    [--redis URL [--lease S]] [--workers N] [--disconnect-grace S]``: serve until Ctrl-C.
+    [--redis URL [--lease S]] [--workers N] [--disconnect-grace S] [--reply-cache exact|semantic
+    [--reply-cache-ttl S]]``: serve until Ctrl-C.
 
     Returns the exit status. Every attribute of ``args`` is optional (``None`` means the default).
     With ``workers`` over 1, uvicorn starts that many processes, each building the app from the
@@ -599,6 +623,8 @@ def serve_main(args: argparse.Namespace) -> int:
         "disconnect_grace": grace,
         "redis": redis,
         "lease_s": lease,
+        "reply_cache": getattr(args, "reply_cache", None),
+        "reply_cache_ttl": getattr(args, "reply_cache_ttl", None) or DEFAULT_TTL_S,
     }
     # uvicorn's own access log is off: ours is structured and knows the thread.
     settings: dict[str, Any] = {
@@ -693,4 +719,14 @@ def _app(options: dict[str, Any]) -> Starlette:
         redis=options["redis"],
         disconnect_grace=options["disconnect_grace"],
         lease_s=options["lease_s"],
+        reply_cache=_reply_cache(options),
     )
+
+
+def _reply_cache(options: dict[str, Any]) -> ReplyCache | None:
+    """Each worker's own cache; with Redis, their exact entries are shared (see ``ReplyCache``)."""
+    match = options.get("reply_cache")
+    if match is None:
+        return None
+    store = RedisStore(options["redis"]) if options.get("redis") else None
+    return ReplyCache(match, ttl_s=options.get("reply_cache_ttl") or DEFAULT_TTL_S, store=store)

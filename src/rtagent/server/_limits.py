@@ -416,6 +416,16 @@ class Metrics:
         self.connections = Gauge("rtagent_active_connections", streams, registry=r, multiprocess_mode=live)
         sessions = "Conversations loaded in memory."
         self.sessions = Gauge("rtagent_active_sessions", sessions, registry=r, multiprocess_mode=live)
+        hits = "Turns a cache answered, by cache and how it matched."
+        self.cache_hits = Counter("rtagent_cache_hits", hits, ["cache", "match"], registry=r)
+        misses = "Turns a cache was asked about and could not answer."
+        self.cache_misses = Counter("rtagent_cache_misses", misses, ["cache"], registry=r)
+        moved = "Bytes a cache served (direction=served) or took in (direction=stored)."
+        self.cache_bytes = Counter("rtagent_cache_bytes", moved, ["cache", "direction"], registry=r)
+        size = "Bytes a cache holds (with a shared store: what this process wrote to it)."
+        self.cache_size = Gauge(
+            "rtagent_cache_stored_bytes", size, ["cache"], registry=r, multiprocess_mode=live
+        )
 
     def observe(self, event: Event) -> None:
         if isinstance(event, ToolFinished):
@@ -429,6 +439,13 @@ class Metrics:
                 self.first_token.observe(metrics.time_to_first_token_s)
             if metrics.tokens_per_s is not None:
                 self.tokens_per_s.observe(metrics.tokens_per_s)
+            for use in metrics.caches:
+                if use.hit:
+                    self.cache_hits.labels(use.cache, use.match or "exact").inc()
+                else:
+                    self.cache_misses.labels(use.cache).inc()
+                self.cache_bytes.labels(use.cache, "served" if use.hit else "stored").inc(use.bytes)
+                self.cache_size.labels(use.cache).set(use.stored_bytes)
 
     def status(self, status: int) -> None:
         if status >= 400:

@@ -346,6 +346,7 @@ function handle(e) {
         markInterrupted(current());
       }
       if (e.outcome?.type === "interrupt") askAll(e.outcome.interrupts);
+      if (e.result?.cached) append(el("span", "badge cached", "cached"), current());
       turn = null;
       setRunning(-1);
       break;
