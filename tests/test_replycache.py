@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 from pathlib import Path
 from typing import Any, Unpack
@@ -16,6 +17,8 @@ from rtagent import TextDelta, TurnFinished
 from rtagent._cli import main
 from rtagent._embedding import shared_embedder
 from rtagent._replycache import MemoryStore, RedisStore, ReplyCache, replayable, same_slots
+from rtagent._result import CacheUse, TurnMetrics, TurnResult
+from rtagent._terminal import _Screen
 from rtagent.server import create_app
 from rtagent.testing import ScriptedModel, call, reply, tool_calls
 
@@ -257,3 +260,19 @@ async def test_replicas_share_exact_replies_over_redis_and_cache_clear_forgets_t
     result = await rtagent.run(agent, "hi", model=model, reply_cache=other)
     assert not result.cached
     assert result.text == "Fresh reply."
+
+
+class Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_terminal_marks_a_cached_reply(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TERM", "xterm")
+    monkeypatch.setenv("NO_COLOR", "1")
+    out = Tty()
+    screen = _Screen(out)
+    screen.show(TextDelta("We ship in two days."))
+    metrics = TurnMetrics(0.001, 1, None, (), 0.001, (CacheUse("reply", hit=True, match="exact"),))
+    screen.show(TurnFinished(TurnResult("We ship in two days.", False, metrics, cached=True)))
+    assert out.getvalue() == "We ship in two days. [cached]\n\n"
