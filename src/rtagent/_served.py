@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import json
 import weakref
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
@@ -131,6 +132,30 @@ class ServedModel(Model):
                 return
             yield dataclasses.replace(settings, extra_body={**body_fields(settings), "id_slot": slot})
 
+    def _cache_keyed(
+        self, settings: ModelSettings, instructions: str | None, tools: list[Tool]
+    ) -> ModelSettings:
+        """For OpenAI's Responses API, ``settings`` with a ``prompt_cache_key`` unless they have one.
+
+        OpenAI routes requests with the same key to the same cache, and what every request of an
+        agent shares is its prefix: the instructions and the tools. So the key is a digest of those,
+        the same for every conversation, process and replica of the agent. (OpenAI-compatible
+        servers cache by prefix alone; the SDK builds that prefix identically every turn.)
+        """
+        if (
+            self._api != "responses"
+            or PROMPT_CACHE_KEY in body_fields(settings)
+            or (isinstance(settings.extra_args, Mapping) and PROMPT_CACHE_KEY in settings.extra_args)
+        ):
+            return settings
+        return dataclasses.replace(
+            settings,
+            extra_args={
+                **(settings.extra_args or {}),
+                PROMPT_CACHE_KEY: prompt_cache_key(instructions, tools),
+            },
+        )
+
     async def get_response(
         self,
         system_instructions: str | None,
@@ -146,7 +171,7 @@ class ServedModel(Model):
         prompt: ResponsePromptParam | None,
     ) -> ModelResponse:
         target = await self._target()
-        settings = self._settings.resolve(model_settings)
+        settings = self._cache_keyed(self._settings.resolve(model_settings), system_instructions, tools)
         async with self._pinned(settings, _prompt_of(system_instructions, input)) as settings:
             return await target.get_response(
                 system_instructions,
@@ -176,7 +201,7 @@ class ServedModel(Model):
         prompt: ResponsePromptParam | None,
     ) -> AsyncIterator[TResponseStreamEvent]:
         target = await self._target()
-        settings = self._settings.resolve(model_settings)
+        settings = self._cache_keyed(self._settings.resolve(model_settings), system_instructions, tools)
         async with self._pinned(settings, _prompt_of(system_instructions, input)) as settings:
             stream = target.stream_response(
                 system_instructions,
@@ -197,6 +222,19 @@ class ServedModel(Model):
                 aclose = getattr(stream, "aclose", None)
                 if aclose is not None:
                     await aclose()
+
+
+PROMPT_CACHE_KEY = "prompt_cache_key"
+
+
+def prompt_cache_key(instructions: str | None, tools: Iterable[Tool]) -> str:
+    """A stable key for the fixed prefix of an agent's requests: its instructions and tools."""
+    schemas = [
+        [tool.name, getattr(tool, "description", ""), getattr(tool, "params_json_schema", None)]
+        for tool in tools
+    ]
+    fixed = json.dumps([instructions or "", schemas], sort_keys=True, separators=(",", ":"), default=str)
+    return "rtagent-" + hashlib.sha256(fixed.encode()).hexdigest()[:32]
 
 
 async def instructions_of(agent: Agent[Any]) -> str | None:
