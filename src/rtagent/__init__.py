@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     )
     from ._loading import load_agent
     from ._models import ModelSpec, parse_spec
+    from ._replycache import ReplyCache, replayable
     from ._result import ToolTiming, TurnMetrics, TurnResult
     from ._served import ServedModel
     from ._tools import background, progress
@@ -65,6 +66,8 @@ _EXPORTS = {
     "ModelSpec": "_models",
     "ServedModel": "_served",
     "parse_spec": "_models",
+    "ReplyCache": "_replycache",
+    "replayable": "_replycache",
     "ToolTiming": "_result",
     "TurnMetrics": "_result",
     "TurnResult": "_result",
@@ -86,6 +89,7 @@ __all__ = [
     "ModelError",
     "ModelSpec",
     "RTAgentError",
+    "ReplyCache",
     "ServedModel",
     "TextDelta",
     "Thinking",
@@ -105,6 +109,7 @@ __all__ = [
     "load_agent",
     "parse_spec",
     "progress",
+    "replayable",
     "run",
     "run_sync",
     "stream",
