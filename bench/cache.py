@@ -30,7 +30,7 @@ import rtagent
 from rtagent import TextDelta
 from rtagent._embedding import shared_embedder
 from rtagent._models import parse_spec
-from rtagent._replycache import CachedReply, ReplyCache, fingerprint, same_slots
+from rtagent._replycache import CachedReply, ReplyCache, fingerprint, model_label, same_slots
 from rtagent._served import ServedModel
 
 PAIRS = Path(__file__).parent.parent / "tests" / "data" / "paraphrases.jsonl"
@@ -82,7 +82,7 @@ async def reply_section(rounds: int) -> dict[str, Any]:
 
     semantic = ReplyCache("semantic")
     await semantic.warm()
-    key = await fingerprint(agent, agent.tools, str(model), None)
+    key = await fingerprint(agent, agent.tools, model_label(model), None)
     assert key is not None
     # Stored as the model would have answered them, without 120 model calls: the bench measures
     # the lookup, which neither the reply's words nor who wrote it change.

@@ -16,7 +16,7 @@ import rtagent
 from rtagent import TextDelta, TurnFinished
 from rtagent._cli import main
 from rtagent._embedding import shared_embedder
-from rtagent._replycache import MemoryStore, RedisStore, ReplyCache, replayable, same_slots
+from rtagent._replycache import MemoryStore, RedisStore, ReplyCache, model_label, replayable, same_slots
 from rtagent._result import CacheUse, TurnMetrics, TurnResult
 from rtagent._terminal import _Screen
 from rtagent.server import create_app
@@ -276,3 +276,12 @@ def test_the_terminal_marks_a_cached_reply(monkeypatch: pytest.MonkeyPatch) -> N
     metrics = TurnMetrics(0.001, 1, None, (), 0.001, (CacheUse("reply", hit=True, match="exact"),))
     screen.show(TurnFinished(TurnResult("We ship in two days.", False, metrics, cached=True)))
     assert out.getvalue() == "We ship in two days. [cached]\n\n"
+
+
+def test_the_sdk_s_openai_models_are_named_by_their_model_not_their_address() -> None:
+    from agents.models.openai_responses import OpenAIResponsesModel
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(api_key="k")
+    one, other = (OpenAIResponsesModel(model="gpt-test", openai_client=client) for _ in range(2))
+    assert model_label(one) == model_label(other) == "OpenAIResponsesModel:gpt-test"

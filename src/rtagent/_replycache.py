@@ -151,6 +151,13 @@ async def fingerprint(agent: Agent[Any], tools: Sequence[Tool], model: str, cont
     )
 
 
+def model_label(model: object) -> str:
+    """The model as the key names it: a spec for rtagent's models (their ``str``), the name for
+    the SDK's OpenAI models (whose ``str`` holds an address, which would differ per process)."""
+    name = getattr(model, "model", None)
+    return f"{type(model).__qualname__}:{name}" if isinstance(name, str) else str(model)
+
+
 def history_digest(items: Sequence[TResponseInputItem]) -> str:
     """The conversation so far, without the ids servers give items (the same words, said in another
     session, are the same history)."""

@@ -52,7 +52,7 @@ from ._events import (
 )
 from ._history import INTERRUPTED, STILL_RUNNING, not_answered, record_cut, record_late, with_cut_marks
 from ._models import ModelSpec, resolve_model
-from ._replycache import CachedReply, Lookup, ReplyCache, fingerprint, may_store
+from ._replycache import CachedReply, Lookup, ReplyCache, fingerprint, may_store, model_label
 from ._result import CacheUse, ToolTiming, TurnMetrics, TurnResult
 from ._tap import Tap
 from ._tools import GuardrailKind, ToolHooks, guarded, instrument
@@ -309,7 +309,8 @@ class Turn:
         lookup = None
         if cache is not None and not isinstance(self._input, Resume):
             # The key names the model the first agent runs on: the turn's, else the agent's own.
-            lookup = await self._ask(cache, agent, str(resolve_model(spec, self.agent)), self._input)
+            first_model = model_label(resolve_model(spec, self.agent))
+            lookup = await self._ask(cache, agent, first_model, self._input)
             if self._interrupted:
                 return
             if lookup is not None and lookup.hit is not None:
