@@ -285,3 +285,37 @@ def test_the_sdk_s_openai_models_are_named_by_their_model_not_their_address() ->
     client = AsyncOpenAI(api_key="k")
     one, other = (OpenAIResponsesModel(model="gpt-test", openai_client=client) for _ in range(2))
     assert model_label(one) == model_label(other) == "OpenAIResponsesModel:gpt-test"
+
+
+class GatedStore(MemoryStore):
+    """A store whose reads wait for the test to let them through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reading = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def get(self, key: str) -> bytes | None:
+        self.reading.set()
+        await self.gate.wait()
+        return await super().get(key)
+
+
+async def test_a_turn_stopped_while_the_cache_looks_up_saves_its_message_and_serves_nothing() -> None:
+    store = GatedStore()
+    store.gate.set()
+    cache = ReplyCache(store=store)
+    agent = Agent(name="shop", model=ScriptedModel([reply("Stored.")]))
+    await rtagent.run(agent, "hi", reply_cache=cache)
+    store.gate.clear()
+    store.reading.clear()
+    chat = rtagent.Chat(agent, reply_cache=cache)
+    turn = chat.send("hi")
+    await store.reading.wait()
+    turn.interrupt()
+    store.gate.set()
+    result = await turn.wait()
+    assert result.interrupted
+    assert not result.cached
+    assert result.text == ""
+    assert [item.get("content") for item in await chat.history()] == ["hi"]

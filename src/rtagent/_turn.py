@@ -149,6 +149,7 @@ class Turn:
         self._pending: tuple[ApprovalRequested, ...] = ()
         self._state: str | None = None
         self._cache_use: CacheUse | None = None
+        self._replayed = False  # a stored reply was served (and saves its own history)
 
     @classmethod
     def paused(
@@ -365,6 +366,7 @@ class Turn:
     async def _replay(self, lookup: Lookup, hit: CachedReply) -> None:
         """Serve a stored reply: its deltas at once, then the history as the stored turn left it."""
         assert self._cache_use is not None
+        self._replayed = True
         self._cache_use = replace(self._cache_use, bytes=len(hit.encode()))
         for delta in hit.deltas:
             self._on_text(delta)
@@ -419,8 +421,7 @@ class Turn:
             if call_id in self._announced and call_id not in self._outputs:
                 self._finish_tool(call_id, name, INTERRUPTED, "interrupted", time.perf_counter())
         session = self._options.get("session")
-        replayed = self._cache_use is not None and self._cache_use.hit  # it saved its own history
-        if cut and session is not None and not replayed:
+        if cut and session is not None and not self._replayed:
             outputs = {**self._outputs, **dict.fromkeys(self._kept, STILL_RUNNING)}
             try:
                 # The SDK saves the message only just before its first model call (and says so in
@@ -460,7 +461,7 @@ class Turn:
         tokens = usage_tokens or self._deltas
         first, last = self._first_token_at, self._last_token_at
         streaming_s = last - first if first is not None and last is not None else 0.0
-        cached = self._cache_use is not None and self._cache_use.hit
+        cached = self._replayed
         metrics = TurnMetrics(
             time_to_first_token_s=None if first is None else first - self._started_at,
             tokens=tokens,
