@@ -140,17 +140,22 @@ async def test_interrupted_and_failed_turns_are_never_stored() -> None:
     assert result.text == "fresh"
 
 
-async def test_entries_expire_and_the_store_keeps_to_its_size() -> None:
+async def test_entries_expire_the_store_keeps_to_its_size_and_clear_forgets_all() -> None:
     store = MemoryStore(max_bytes=600)
     cache = ReplyCache(ttl_s=0.05, store=store)
-    model = ScriptedModel([reply(f"reply number {n}") for n in range(12)])
+    model = ScriptedModel([reply(f"reply number {n}") for n in range(13)])
     agent = Agent(name="shop", model=model)
     await deltas_of(rtagent.Chat(agent, reply_cache=cache), "hi")
     await asyncio.sleep(0.1)
     assert not (await deltas_of(rtagent.Chat(agent, reply_cache=cache), "hi"))[1].cached
+    cache.ttl_s = 60.0
     for n in range(10):
         await deltas_of(rtagent.Chat(agent, reply_cache=cache), f"message {n}")
     assert 0 < store.stored_bytes() <= 600
+    assert (await deltas_of(rtagent.Chat(agent, reply_cache=cache), "message 9"))[1].cached
+    assert await cache.clear() > 0
+    assert store.stored_bytes() == 0
+    assert not (await deltas_of(rtagent.Chat(agent, reply_cache=cache), "message 9"))[1].cached
 
 
 async def test_semantic_hits_a_paraphrase_and_misses_a_negation() -> None:

@@ -175,10 +175,6 @@ class CachedReply:
     deltas: tuple[str, ...]
     items: tuple[TResponseInputItem, ...]
 
-    @property
-    def text(self) -> str:
-        return "".join(self.deltas)
-
     def encode(self) -> bytes:
         return json.dumps({"deltas": self.deltas, "items": self.items}, ensure_ascii=False).encode()
 
