@@ -324,3 +324,18 @@ async def test_a_turn_stopped_while_the_cache_looks_up_saves_its_message_and_ser
     assert not result.cached
     assert result.text == ""
     assert [item.get("content") for item in await chat.history()] == ["hi"]
+
+
+def test_serve_flags_build_the_cache_each_worker_uses(redis_url: str) -> None:
+    from rtagent._cli import build_parser
+    from rtagent.server._app import _reply_cache
+
+    args = build_parser().parse_args(["serve", "--reply-cache", "semantic", "--reply-cache-ttl", "60"])
+    assert (args.reply_cache, args.reply_cache_ttl) == ("semantic", 60.0)
+    cache = _reply_cache({"reply_cache": "semantic", "reply_cache_ttl": 60.0, "redis": None})
+    assert cache is not None
+    assert (cache.match, cache.ttl_s, type(cache.store)) == ("semantic", 60.0, MemoryStore)
+    shared = _reply_cache({"reply_cache": "exact", "reply_cache_ttl": None, "redis": redis_url})
+    assert shared is not None
+    assert isinstance(shared.store, RedisStore)
+    assert _reply_cache({"reply_cache": None, "redis": redis_url}) is None
