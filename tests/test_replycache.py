@@ -10,7 +10,7 @@ from typing import Any, Unpack
 
 import httpx
 import pytest
-from agents import Agent, function_tool
+from agents import Agent, GuardrailFunctionOutput, function_tool, input_guardrail
 
 import rtagent
 from rtagent import TextDelta, TurnFinished
@@ -339,3 +339,21 @@ def test_serve_flags_build_the_cache_each_worker_uses(redis_url: str) -> None:
     assert shared is not None
     assert isinstance(shared.store, RedisStore)
     assert _reply_cache({"reply_cache": None, "redis": redis_url}) is None
+
+
+async def test_a_change_of_guardrails_misses_and_agents_with_handoffs_are_not_cached() -> None:
+    @input_guardrail
+    async def polite(context: Any, agent: Agent[Any], message: Any) -> GuardrailFunctionOutput:
+        return GuardrailFunctionOutput(output_info=None, tripwire_triggered=False)
+
+    cache = ReplyCache()
+    model = ScriptedModel([reply(f"reply {n}") for n in range(4)])
+    plain = Agent(name="shop", model=model)
+    await rtagent.run(plain, "hi", reply_cache=cache)
+    guarded = await rtagent.run(plain.clone(input_guardrails=[polite]), "hi", reply_cache=cache)
+    assert not guarded.cached
+    assert guarded.text == "reply 1"
+    routed = plain.clone(handoffs=[Agent(name="billing", model=model)])
+    for text in ("reply 2", "reply 3"):
+        result = await rtagent.run(routed, "hi", reply_cache=cache)
+        assert (result.cached, result.text, result.metrics.caches) == (False, text, ())

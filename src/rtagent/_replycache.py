@@ -3,7 +3,7 @@ reply at once, without a model call.
 
 Opt-in (``Chat(agent, reply_cache=ReplyCache())``, the ``reply_cache`` turn option, or ``rtagent
 serve --reply-cache exact|semantic``). The key is the agent's fingerprint (instructions, tools with
-their schemas, handoffs, model and model settings, the run's context), the conversation so far and
+their schemas, guardrails, model and model settings, the run's context), the conversation so far and
 the new message; ``semantic`` also matches a new message that says the same as a stored one in
 the same conversation state (see ``SEMANTIC_THRESHOLD`` and ``same_slots``).
 
@@ -130,10 +130,16 @@ def _tool_entry(tool: Tool) -> dict[str, Any]:
     return {"name": tool.name, "type": type(tool).__name__}
 
 
-async def fingerprint(agent: Agent[Any], tools: Sequence[Tool], model: str, context: Any) -> str | None:
+async def fingerprint(
+    agent: Agent[Any], tools: Sequence[Tool], model: str, context: Any, guardrails: Sequence[str] = ()
+) -> str | None:
     """What decides an agent's reply besides the conversation, as a digest; ``None`` when it cannot
-    be told (instructions that fail without a run, a context that is no JSON, structured output)."""
-    if agent.output_type not in (None, str) or agent.prompt is not None:
+    be told (instructions that fail without a run, a context that is no JSON, structured output).
+
+    ``guardrails`` names the run's own; the agent's count too, since a reply served again skips
+    them. Agents with handoffs are not cached: the reply may come from an agent the key never saw.
+    """
+    if agent.output_type not in (None, str) or agent.prompt is not None or agent.handoffs:
         return None
     try:
         instructions = await agent.get_system_prompt(RunContextWrapper(context))
@@ -144,7 +150,13 @@ async def fingerprint(agent: Agent[Any], tools: Sequence[Tool], model: str, cont
         "rtagent-reply-v1",
         instructions or "",
         _canonical([_tool_entry(tool) for tool in tools]),
-        _canonical([getattr(handoff, "name", str(handoff)) for handoff in agent.handoffs]),
+        _canonical(
+            [
+                *guardrails,
+                *(guardrail.get_name() for guardrail in agent.input_guardrails),
+                *(guardrail.get_name() for guardrail in agent.output_guardrails),
+            ]
+        ),
         model,
         _canonical(agent.model_settings.to_json_dict()),
         context_json,

@@ -348,7 +348,15 @@ class Turn:
     ) -> Lookup | None:
         """The reply cache's answer for this turn; ``None`` when the agent cannot be fingerprinted."""
         options = self._options
-        key = await fingerprint(agent, agent.tools, model, options.get("context"))
+        run_config = options.get("run_config")
+        guards = (
+            [*(run_config.input_guardrails or ()), *(run_config.output_guardrails or ())]
+            if run_config
+            else []
+        )
+        key = await fingerprint(
+            agent, agent.tools, model, options.get("context"), [g.get_name() for g in guards]
+        )
         if key is None:
             return None
         session = options.get("session")
