@@ -133,6 +133,9 @@ class _Server:
         # once do not both take it (the second would wait for the first turn's end, uninterrupted);
         # a lock lives as long as someone holds or awaits it.
         self._claiming: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        # Each thread's latest run here, set once the paused run it leaves is in the store: its
+        # client may see its end, and answer again, before that write is done (``run_ended``).
+        self._kept: dict[str, asyncio.Event] = {}
 
     @property
     def _active(self) -> int:
@@ -213,7 +216,8 @@ class _Server:
         run = AguiRun(
             thread_id, run_id, chat, turn, observe=observe, client_tools=frontend.names, state=frontend.state
         )
-        ended = functools.partial(self.run_ended, thread_id, turn, paused)
+        kept = self._kept[thread_id] = asyncio.Event()
+        ended = functools.partial(self.run_ended, thread_id, turn, paused, kept)
         return self.log.produce(run, text if isinstance(text, str) else "", ended)
 
     async def _turn(
@@ -224,6 +228,9 @@ class _Server:
         store's: this replica holds the thread now, so what the store has is current."""
         paused = bool(chat.pending)
         if not paused and (chat.turn is None or chat.turn.done):
+            kept = self._kept.get(thread_id)
+            if kept is not None:
+                await kept.wait()
             state = await self.paused.load(thread_id)
             if state is not None:
                 await chat.restore(state)
@@ -241,7 +248,7 @@ class _Server:
         except ApprovalError as exc:
             raise InputError(str(exc), 409, "not_pending") from None
 
-    async def run_ended(self, thread_id: str, turn: Turn, paused: bool) -> None:
+    async def run_ended(self, thread_id: str, turn: Turn, paused: bool, kept: asyncio.Event) -> None:
         """Keep the turn's paused run for whoever answers it; forget the one it took up."""
         try:
             state = turn.result.state if turn.done else None
@@ -250,6 +257,9 @@ class _Server:
         except Exception:  # the turn's own outcome stands; the thread can still go on
             log.exception("keeping the paused run of thread %s failed", thread_id)
         finally:
+            kept.set()
+            if self._kept.get(thread_id) is kept:
+                del self._kept[thread_id]
             await self.turn_ended(thread_id)
 
     def _claim_lock(self, thread_id: str) -> asyncio.Lock:
