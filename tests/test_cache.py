@@ -14,7 +14,7 @@ from agents import Agent, FunctionTool, SQLiteSession, function_tool
 from agents.tool_context import ToolContext
 
 import rtagent
-from rtagent import ToolFinished, TurnFinished
+from rtagent import ToolFinished, TurnFinished, _cli
 from rtagent._cache import ToolCache
 from rtagent._history import STILL_RUNNING
 from rtagent.testing import ScriptedModel, call, reply, tool_calls
@@ -383,3 +383,26 @@ async def test_on_redis_a_result_stored_by_one_process_is_a_hit_in_another(share
     await lookup.aclear()
     await invoke(lookup, "Paris")
     assert runs == ["Paris", "Paris"]
+
+
+async def test_the_cache_clear_command_forgets_results_on_redis(
+    shared_cache: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tool, runs = counting()
+    lookup = rtagent.cached(tool)
+    await invoke(lookup, "Paris")
+    # The command runs its own event loop, as it does in a process of its own.
+    code = await asyncio.to_thread(_cli.main, ["cache", "clear", "--redis", shared_cache, "--tool", "lookup"])
+    assert code == 0
+    assert capsys.readouterr().out == "cleared the cached results of tool lookup\n"
+    rtagent.configure_cache(shared_cache)
+    await invoke(lookup, "Paris")
+    assert runs == ["Paris", "Paris"]
+
+
+def test_the_cache_clear_command_needs_redis(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("RTAGENT_REDIS", raising=False)
+    assert _cli.main(["cache", "clear"]) == 2
+    assert "needs --redis URL" in capsys.readouterr().err
