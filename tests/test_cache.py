@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -197,6 +198,19 @@ async def test_a_call_cancelled_with_nobody_waiting_is_cancelled_and_stores_noth
     alone.cancel()
     await asyncio.sleep(0.4)
     assert finished == []  # the tool was cancelled, as an uncached tool is
+
+
+async def test_a_call_made_just_after_a_cancelled_one_runs_the_tool_itself() -> None:
+    tool, runs = counting(delay=0.2)
+    lookup = rtagent.cached(tool)
+    alone = asyncio.ensure_future(invoke(lookup, "Paris"))
+    await asyncio.sleep(0.05)
+    alone.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await alone
+    # Its execution is still being cancelled: joined, it would cancel this call too.
+    assert await invoke(lookup, "Paris") == "facts about Paris"
+    assert runs == ["Paris", "Paris"]
 
 
 async def test_an_interrupted_turn_shares_its_call_with_another_session() -> None:

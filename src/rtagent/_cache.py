@@ -99,11 +99,11 @@ class ToolCache:
             report("hit", 0)
             return output
         flight = self._flights.get(key)
-        leader = flight is None
-        if flight is None:
-            flight = _Flight(asyncio.ensure_future(self._lead(key, ttl, run)))
-            self._flights[key] = flight
-            flight.task.add_done_callback(lambda _: self._flights.pop(key, None))
+        # One that has just ended (its removal is a callback still to run) is no execution to share:
+        # it may have failed, or been cancelled with its callers.
+        leader = flight is None or flight.task.done()
+        if flight is None or flight.task.done():
+            flight = self._start(key, ttl, run)
         else:
             report("shared", 0)
         flight.waiting += 1
@@ -117,10 +117,24 @@ class ToolCache:
         finally:
             flight.waiting -= 1
             if flight.waiting == 0 and not flight.task.done():
-                flight.task.cancel()  # nobody waits for it any more: cancelled, as an uncached call is
+                # Nobody waits for it any more: cancelled, as an uncached call is, and at once no
+                # execution for a new call to join (it would share the cancellation).
+                self._forget(key, flight)
+                flight.task.cancel()
         if leader:
             report(outcome, stored)
         return output
+
+    def _start(self, key: str, ttl: float, run: Callable[[], Awaitable[Any]]) -> _Flight:
+        flight = _Flight(asyncio.ensure_future(self._lead(key, ttl, run)))
+        self._flights[key] = flight
+
+        flight.task.add_done_callback(lambda _: self._forget(key, flight))
+        return flight
+
+    def _forget(self, key: str, flight: _Flight) -> None:
+        if self._flights.get(key) is flight:
+            del self._flights[key]
 
     async def clear(self, tool: str | None = None) -> None:
         """Forget the stored results of ``tool`` (by name), or of every tool."""
