@@ -66,7 +66,6 @@ class ToolCache:
 
     def __init__(self, url: str | None = None, size: int = DEFAULT_SIZE) -> None:
         self.url = url
-        self.size = size
         serializer = get_serializer(pickle_type=PicklerType.JSON)
         # No sweeper task (``check_interval=0``): it would belong to one event loop; an expired entry
         # is dropped when it is read, and the size bound holds the rest.
