@@ -18,6 +18,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ._cache import CachedTool, cached, clear_cache, configure_cache
     from ._chat import Chat
     from ._errors import AgentLoadError, ApprovalError, ModelError, RTAgentError
     from ._events import (
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
     )
     from ._loading import load_agent
     from ._models import ModelSpec, parse_spec
-    from ._result import ToolTiming, TurnMetrics, TurnResult
+    from ._result import CacheCounts, ToolTiming, TurnMetrics, TurnResult
     from ._served import ServedModel
     from ._tools import background, progress
     from ._turn import Turn, TurnError, TurnOptions, run, run_sync, stream
@@ -45,6 +46,10 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Chat": "_chat",
     "background": "_tools",
+    "CachedTool": "_cache",
+    "cached": "_cache",
+    "clear_cache": "_cache",
+    "configure_cache": "_cache",
     "create_app": "server",
     "progress": "_tools",
     "RTAgentError": "_errors",
@@ -65,6 +70,7 @@ _EXPORTS = {
     "ModelSpec": "_models",
     "ServedModel": "_served",
     "parse_spec": "_models",
+    "CacheCounts": "_result",
     "ToolTiming": "_result",
     "TurnMetrics": "_result",
     "TurnResult": "_result",
@@ -81,6 +87,8 @@ __all__ = [
     "AgentLoadError",
     "ApprovalError",
     "ApprovalRequested",
+    "CacheCounts",
+    "CachedTool",
     "Chat",
     "Event",
     "ModelError",
@@ -101,6 +109,9 @@ __all__ = [
     "TurnOptions",
     "TurnResult",
     "background",
+    "cached",
+    "clear_cache",
+    "configure_cache",
     "create_app",
     "load_agent",
     "parse_spec",

@@ -85,6 +85,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a turn keeps running for a client that went away to reconnect (default: 15; 0: none)",
     )
     serve.set_defaults(run=_serve)
+
+    cache = commands.add_parser(
+        "cache",
+        help="manage the tool-result cache",
+        description="Manage the results of cached tools (rtagent.cached) that replicas share on Redis.",
+    )
+    actions = cache.add_subparsers(metavar="ACTION", required=True)
+    clear = actions.add_parser(
+        "clear",
+        help="forget stored tool results",
+        description="Forget the tool results stored on the Redis that replicas share. A server without "
+        "--redis keeps them in its own memory, which a restart forgets.",
+    )
+    clear.add_argument("--redis", metavar="URL", help="the Redis that replicas share ($RTAGENT_REDIS)")
+    clear.add_argument("--tool", metavar="NAME", help="only this tool's results (default: every tool's)")
+    clear.set_defaults(run=_cache_clear)
     return parser
 
 
@@ -104,6 +120,30 @@ def _serve(args: argparse.Namespace) -> int:
 
     args.model = model_spec(args.model)
     return serve_main(args)
+
+
+def _cache_clear(args: argparse.Namespace) -> int:
+    import asyncio
+    import sys
+
+    from ._cache import clear_cache, configure_cache
+    from ._errors import RTAgentError
+    from .server._bus import check_redis
+
+    url: str | None = args.redis or os.environ.get("RTAGENT_REDIS") or None
+    if url is None:
+        needs = "needs --redis URL (or RTAGENT_REDIS): without Redis each server keeps its own results"
+        print(f"rtagent cache clear: {needs}", file=sys.stderr)
+        return 2
+    try:
+        check_redis(url)
+    except RTAgentError as exc:
+        print(f"rtagent cache clear: {exc}", file=sys.stderr)
+        return 2
+    configure_cache(url)
+    asyncio.run(clear_cache(args.tool))
+    print(f"cleared the cached results of {f'tool {args.tool}' if args.tool else 'every tool'}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,20 @@ class ToolTiming:
 
 
 @dataclass(frozen=True, slots=True)
+class CacheCounts:
+    """What one cache did during a turn."""
+
+    hits: int = 0
+    """Calls answered from a stored result."""
+    misses: int = 0
+    """Calls that ran (and stored their result, where it was one)."""
+    deduplicated: int = 0
+    """Calls that shared an identical call's execution, here or on another replica."""
+    stored_bytes: int = 0
+    """The size of the results this turn stored."""
+
+
+@dataclass(frozen=True, slots=True)
 class TurnMetrics:
     """Latency figures of one turn, all measured from the moment the turn started."""
 
@@ -30,6 +45,8 @@ class TurnMetrics:
     """Output tokens over the time from the first to the last text delta."""
     tools: tuple[ToolTiming, ...]
     total_s: float
+    cache: Mapping[str, CacheCounts] = field(default_factory=dict)
+    """By cache (``"tool"``: ``rtagent.cached``), for the caches this turn used."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,7 +52,7 @@ from ._events import (
 )
 from ._history import INTERRUPTED, STILL_RUNNING, not_answered, record_cut, record_late, with_cut_marks
 from ._models import ModelSpec, resolve_model
-from ._result import ToolTiming, TurnMetrics, TurnResult
+from ._result import CacheCounts, ToolTiming, TurnMetrics, TurnResult
 from ._tap import Tap
 from ._tools import GuardrailKind, ToolHooks, guarded, instrument
 from ._unicode import scrub
@@ -135,6 +135,9 @@ class Turn:
         self._errors: dict[str, str] = {}
         self._kept: dict[str, tuple[str, str, asyncio.Future[Any]]] = {}
         self._tool_timings: list[ToolTiming] = []
+        # The tool cache's part: calls whose output it gave, and its counts for the turn.
+        self._cached: set[str] = set()
+        self._cache_counts: CacheCounts | None = None
         # The model call in progress: its tools' ``needs_approval`` by name, and its handoffs' names.
         self._rules: dict[str, object] = {}
         self._handoffs: frozenset[str] = frozenset()
@@ -398,6 +401,7 @@ class Turn:
             tokens_per_s=tokens / streaming_s if streaming_s > 0 else None,
             tools=tuple(self._tool_timings),
             total_s=time.perf_counter() - self._started_at,
+            cache={} if self._cache_counts is None else {"tool": self._cache_counts},
         )
         return TurnResult(
             text=self.text,
@@ -513,7 +517,9 @@ class Turn:
         self._outputs[call_id] = output
         duration = time.perf_counter() - started
         self._tool_timings.append(ToolTiming(call_id, name, duration))
-        self._events.put(ToolFinished(call_id, name, output, error, duration))
+        # A shared execution that failed is the tool's error, not a cached result.
+        cached = call_id in self._cached and error is None
+        self._events.put(ToolFinished(call_id, name, output, error, duration, cached))
 
     def _agent_changed(self, name: str) -> None:
         if name != self._answering:
@@ -535,6 +541,20 @@ class Turn:
 
     def _tool_kept(self, call_id: str, name: str, arguments: str, task: asyncio.Future[Any]) -> None:
         self._kept[call_id] = (name, arguments, task)
+
+    def _tool_cache(self, call_id: str, outcome: str, stored_bytes: int) -> None:
+        counts = self._cache_counts or CacheCounts()
+        if outcome == "miss":
+            counts = replace(
+                counts, misses=counts.misses + 1, stored_bytes=counts.stored_bytes + stored_bytes
+            )
+        else:
+            self._cached.add(call_id)
+            if outcome == "hit":
+                counts = replace(counts, hits=counts.hits + 1)
+            else:
+                counts = replace(counts, deduplicated=counts.deduplicated + 1)
+        self._cache_counts = counts
 
 
 async def _resumed(agent: Agent[Any], resume: Resume, context: Any) -> RunState[Any]:

@@ -59,6 +59,7 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
+from .._cache import configure_cache
 from .._chat import Chat, Policy
 from .._errors import ApprovalError, RTAgentError, describe
 from .._events import ApprovalRequested
@@ -118,6 +119,8 @@ class _Server:
         self.paused = PausedRuns(self.db)
         # With Redis, replicas share the threads: one turn per thread across them (see ``_bus``).
         self.bus = None if redis is None else Bus(redis, lease_s=lease_s, max_turns=limits.max_turns)
+        if redis is not None:  # and the results of cached tools, so a result computed on one is a hit on all
+            configure_cache(redis)
         self.policy: Policy = policy
         self.limits = limits
         self.metrics = Metrics()
@@ -484,7 +487,8 @@ def create_app(
     ``allowed_hosts``: the names it answers to besides the loopback ones (see ``_security``).
     ``redis``: the URL of the Redis that replicas serving the same conversations share (``serve
     --redis``, and ``--workers``): leases, stops, the turn cap and the run log live there (see
-    ``_bus``), and a replica's lease expires ``lease_s`` after it stops renewing it.
+    ``_bus``), and a replica's lease expires ``lease_s`` after it stops renewing it; so do the
+    results of cached tools (``rtagent.cached``), for every app of the process.
     ``disconnect_grace``: how long a turn whose clients all went away keeps running for one to
     come back (0: it is interrupted at once).
     ``store``: instead of ``db_path``, a URL: ``sqlite:///PATH``, ``postgresql://...`` or

@@ -408,6 +408,15 @@ class Metrics:
         self.tokens_per_s = Histogram("rtagent_tokens_per_second", rate, buckets=rates, registry=r)
         tool = "Tool call durations."
         self.tool_seconds = Histogram("rtagent_tool_duration_seconds", tool, ["tool"], registry=r, buckets=s)
+        # By cache ("tool": ``rtagent.cached``), counted from each turn's ``TurnMetrics.cache``.
+        by = ["cache"]
+        hits, misses = "Calls answered from a stored result.", "Calls that ran and stored what they returned."
+        self.cache_hits = Counter("rtagent_cache_hits", hits, by, registry=r)
+        self.cache_misses = Counter("rtagent_cache_misses", misses, by, registry=r)
+        shared = "Calls that shared an identical call's execution, here or on another replica."
+        self.cache_deduplicated = Counter("rtagent_cache_deduplicated", shared, by, registry=r)
+        stored = "Bytes of results stored in the cache."
+        self.cache_stored_bytes = Counter("rtagent_cache_stored_bytes", stored, by, registry=r)
         errors = "Requests answered with an error status."
         self.errors_total = Counter("rtagent_http_errors", errors, ["status"], registry=r)
         live: Literal["livesum"] = "livesum"  # with several workers: the sum over those running
@@ -425,6 +434,11 @@ class Metrics:
             outcome = "interrupted" if result.interrupted else "completed"
             self.turns_total.labels("failed" if isinstance(event, TurnFailed) else outcome).inc()
             metrics = result.metrics
+            for cache, counts in metrics.cache.items():
+                self.cache_hits.labels(cache).inc(counts.hits)
+                self.cache_misses.labels(cache).inc(counts.misses)
+                self.cache_deduplicated.labels(cache).inc(counts.deduplicated)
+                self.cache_stored_bytes.labels(cache).inc(counts.stored_bytes)
             if metrics.time_to_first_token_s is not None:
                 self.first_token.observe(metrics.time_to_first_token_s)
             if metrics.tokens_per_s is not None:
