@@ -98,6 +98,16 @@ def test_text_and_tool_calls_of_one_response_share_a_message() -> None:
     assert events[-1]["result"]["metrics"]["tokensPerS"] == 30.0
 
 
+def test_a_cached_tool_result_says_so_in_its_metadata() -> None:
+    events = mapped(
+        ToolStarted("c1", "lookup", "{}"),
+        ToolFinished("c1", "lookup", "facts", duration_s=0.001, cached=True),
+        TurnFinished(result("")),
+    )
+    (result_event,) = [e for e in events if e["type"] == "TOOL_CALL_RESULT"]
+    assert result_event["metadata"] == {"rtagent": {"durationS": 0.001, "cached": True}}
+
+
 DELTAS = [" tok1", 'say "hi"\n', "caf\u00e9 \U0001f600", "</script><img src=x>", "\\"]
 
 

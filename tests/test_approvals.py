@@ -196,6 +196,25 @@ async def test_bad_answers_are_one_line_4xx_errors(tmp_path: Path) -> None:
     assert refunds == ["42"]
 
 
+async def test_an_answer_right_after_the_resumed_run_ends_finds_nothing_waiting(tmp_path: Path) -> None:
+    app, _ = app_for(tmp_path, ASK, reply("Refunded."))
+    paused = app.state.server.paused
+    save = paused.save
+
+    async def slow_save(thread_id: str, state: str | None) -> None:
+        await asyncio.sleep(0.3)  # the store answers after the client has seen the run's end
+        await save(thread_id, state)
+
+    paused.save = slow_save
+    async with client(app) as http:
+        await http.post("/agui", json=run_input("refund order 42"))
+        await asyncio.sleep(0.5)
+        await http.post("/agui", json=approve("call_1"))
+        again = await http.post("/agui", json=approve("call_1", run="r3"))
+    assert again.status_code == 409
+    assert refunds == ["42"]
+
+
 async def test_the_websocket_answers_with_its_own_command(tmp_path: Path) -> None:
     app, _ = app_for(tmp_path, ASK, reply("Refunded."))
     async with serving(app) as base, connect(f"ws://{base}/ws/t1") as ws:

@@ -23,9 +23,20 @@ import httpx
 import pytest
 import redis
 from test_runlog import frames, read_until_cut, text_of
-from test_server import WORDS, make_app, run_node_test, serving, until
+from test_server import (
+    WORDS,
+    client,
+    lookup,
+    make_app,
+    run_node_test,
+    serving,
+    sse_events,
+    tool_script,
+    until,
+)
 from test_server import run_input as server_run_input
 
+import rtagent
 from rtagent.server._runlog import parse_id
 from rtagent.testing import reply
 
@@ -244,6 +255,28 @@ async def test_two_messages_of_a_thread_at_once_on_one_replica_take_its_lease_on
     ends = sorted(frames(a.text)[-1][1]["result"]["interrupted"] for a in answers)
     assert ends == [False, True]  # unlocked, both take the lease: [False, False], one after the other
     assert "streaming" not in [stream.outcome for stream in model.streams]
+
+
+async def test_a_cached_tool_result_computed_on_one_replica_is_a_hit_on_the_other(
+    redis_url: str, tmp_path: Path
+) -> None:
+    redis.Redis.from_url(redis_url).flushall()
+    tool = rtagent.cached(lookup, ttl=60)
+    script = tool_script()
+    a, _ = make_app(tmp_path / "a", script, tools=[tool], redis=redis_url)
+    b, _ = make_app(tmp_path / "b", script, tools=[tool], redis=redis_url)
+    try:
+        async with client(a) as on_a:
+            first = sse_events((await on_a.post("/agui", json=server_run_input(thread="t1"))).text)
+        rtagent.configure_cache(redis_url)  # B's own process: nothing of A's run in its memory
+        async with client(b) as on_b:
+            again = sse_events((await on_b.post("/agui", json=server_run_input(thread="t2"))).text)
+    finally:
+        await rtagent.clear_cache()
+        rtagent.configure_cache()
+    results = [next(e for e in events if e["type"] == "TOOL_CALL_RESULT") for events in (first, again)]
+    assert "cached" not in results[0]["metadata"]["rtagent"]
+    assert results[1]["metadata"]["rtagent"]["cached"] is True
 
 
 def test_workers_need_redis(capsys: pytest.CaptureFixture[str]) -> None:

@@ -218,6 +218,28 @@ def test_a_reply_streams_shows_its_tool_stops_and_reloads(page: Page, tmp_path: 
         gate.set()  # a failed test must not leave the tool's thread waiting
 
 
+def test_a_cached_tool_result_says_cached_instead_of_its_time(page: Page, tmp_path: Path) -> None:
+    @function_tool
+    async def lookup(query: str) -> str:
+        """Look a city up."""
+        return ATLAS
+
+    rtagent.configure_cache()
+    ask = [tool_calls(call("lookup", {"query": "Paris"})), reply("Paris is big.")]
+    with serving(ask * 2, [rtagent.cached(lookup)], tmp_path / "threads.db") as (url, _):
+        page.goto(url)
+        expect(page.locator("#status")).to_have_text("online")
+        send(page, "How big is Paris?")
+        ran = page.locator(".tool.done").nth(0)
+        expect(ran.locator(".tool-meta")).to_have_text(re.compile(r"^\d+\.\d+s$"))
+        expect(page.locator("#stop")).to_be_hidden()
+        send(page, "How big is Paris, again?")
+        cached = page.locator(".tool.done").nth(1)
+        expect(cached.locator(".tool-meta")).to_have_text("cached")
+        expect(cached.locator(".tool-out")).to_have_text(ATLAS)
+        screenshot(page, "page-tool-cached.png")
+
+
 def test_a_reload_mid_reply_shows_the_text_so_far_and_the_reply_goes_on_live(
     page: Page, tmp_path: Path
 ) -> None:

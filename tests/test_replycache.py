@@ -17,7 +17,7 @@ from rtagent import TextDelta, TurnFinished
 from rtagent._cli import main
 from rtagent._embedding import shared_embedder
 from rtagent._replycache import MemoryStore, RedisStore, ReplyCache, model_label, replayable, same_slots
-from rtagent._result import CacheUse, TurnMetrics, TurnResult
+from rtagent._result import CacheCounts, TurnMetrics, TurnResult
 from rtagent._terminal import _Screen
 from rtagent.server import create_app
 from rtagent.testing import ScriptedModel, call, reply, tool_calls
@@ -49,18 +49,13 @@ async def test_a_stored_reply_streams_again_without_a_model_call() -> None:
     first, first_result = await deltas_of(rtagent.Chat(agent, reply_cache=cache), "When do orders ship?")
     again, result = await deltas_of(rtagent.Chat(agent, reply_cache=cache), "When do orders ship?")
     assert again == first == ["Orders s", "hip in t", "wo days."]
-    assert not first_result.cached
-    assert first_result.metrics.caches[0].hit is False
-    assert first_result.metrics.caches[0].bytes > 0  # stored
-    assert result.cached
+    assert first_result.cached is None
+    stored = first_result.metrics.cache["reply"]
+    assert (stored.hits, stored.misses) == (0, 1)
+    assert stored.stored_bytes > 0
+    assert result.cached == "exact"
     assert result.final_output == "Orders ship in two days."
-    use = result.metrics.caches[0]
-    assert (use.cache, use.hit, use.match, use.bytes) == (
-        "reply",
-        True,
-        "exact",
-        first_result.metrics.caches[0].bytes,
-    )
+    assert result.metrics.cache == {"reply": CacheCounts(hits=1)}
     assert result.metrics.time_to_first_token_s is not None
     assert result.metrics.time_to_first_token_s < 0.05
     assert len(model.streams) == 1
@@ -78,7 +73,7 @@ async def test_a_change_of_instructions_tools_or_model_misses() -> None:
         base.clone(model=ScriptedModel([reply("other model")])),
     ]
     texts = [(await deltas_of(rtagent.Chat(agent, reply_cache=cache), "hello"))[1] for agent in variants]
-    assert [result.cached for result in texts] == [False, False, False, False]
+    assert [result.cached for result in texts] == [None, None, None, None]
     assert [result.text for result in texts] == ["reply 0", "reply 1", "reply 2", "other model"]
     # And the unchanged agent still hits.
     assert (await deltas_of(rtagent.Chat(base, reply_cache=cache), "hello"))[1].cached
@@ -164,12 +159,9 @@ async def test_semantic_hits_a_paraphrase_and_misses_a_negation() -> None:
     agent = Agent(name="shop", instructions="Be brief.", model=model)
     await deltas_of(rtagent.Chat(agent, reply_cache=cache), "How do I cancel my subscription?")
     _, hit = await deltas_of(rtagent.Chat(agent, reply_cache=cache), "How can I cancel my subscription?")
-    assert hit.cached
+    assert hit.cached == "semantic"
     assert hit.text == "You can cancel it under Orders."
-    use = hit.metrics.caches[0]
-    assert use.match == "semantic"
-    assert use.similarity is not None
-    assert use.similarity >= cache.threshold
+    assert hit.metrics.cache["reply"].hits == 1
     _, miss = await deltas_of(rtagent.Chat(agent, reply_cache=cache), "How do I not cancel my subscription?")
     assert not miss.cached
     assert miss.text == "Fine, it stays."
@@ -236,15 +228,14 @@ async def test_the_server_serves_a_stored_reply_to_another_thread_and_counts_it(
             first = finished_result((await http.post("/agui", json=ask("When do you ship?", "a"))).text)
             second = finished_result((await http.post("/agui", json=ask("When do you ship?", "b"))).text)
             metrics = (await http.get("/metrics")).text
-    assert not first["cached"]
-    assert second["cached"]
+    assert first["cached"] is None
+    assert second["cached"] == "exact"
     assert second["deltas"] == first["deltas"] == ["We ship in", " two days."]
-    assert second["metrics"]["caches"][0]["match"] == "exact"
+    assert second["metrics"]["cache"]["reply"]["hits"] == 1
     for line in (
-        'rtagent_cache_hits_total{cache="reply",match="exact"} 1.0',
+        'rtagent_cache_hits_total{cache="reply"} 1.0',
         'rtagent_cache_misses_total{cache="reply"} 1.0',
-        'rtagent_cache_bytes_total{cache="reply",direction="served"}',
-        'rtagent_cache_stored_bytes{cache="reply"}',
+        'rtagent_cache_stored_bytes_total{cache="reply"}',
     ):
         assert line in metrics
 
@@ -261,7 +252,7 @@ async def test_replicas_share_exact_replies_over_redis_and_cache_clear_forgets_t
     assert result.cached
     assert result.text == "Shared reply."
     assert await asyncio.to_thread(main, ["cache", "clear", "--redis", redis_url]) == 0
-    assert "cleared 1 stored replies" in capsys.readouterr().out
+    assert "and 1 stored replies" in capsys.readouterr().out
     result = await rtagent.run(agent, "hi", model=model, reply_cache=other)
     assert not result.cached
     assert result.text == "Fresh reply."
@@ -278,8 +269,8 @@ def test_the_terminal_marks_a_cached_reply(monkeypatch: pytest.MonkeyPatch) -> N
     out = Tty()
     screen = _Screen(out)
     screen.show(TextDelta("We ship in two days."))
-    metrics = TurnMetrics(0.001, 1, None, (), 0.001, (CacheUse("reply", hit=True, match="exact"),))
-    screen.show(TurnFinished(TurnResult("We ship in two days.", False, metrics, cached=True)))
+    metrics = TurnMetrics(0.001, 1, None, (), 0.001, {"reply": CacheCounts(hits=1)})
+    screen.show(TurnFinished(TurnResult("We ship in two days.", False, metrics, cached="exact")))
     assert out.getvalue() == "We ship in two days. [cached]\n\n"
 
 
@@ -356,4 +347,4 @@ async def test_a_change_of_guardrails_misses_and_agents_with_handoffs_are_not_ca
     routed = plain.clone(handoffs=[Agent(name="billing", model=model)])
     for text in ("reply 2", "reply 3"):
         result = await rtagent.run(routed, "hi", reply_cache=cache)
-        assert (result.cached, result.text, result.metrics.caches) == (False, text, ())
+        assert (result.cached, result.text, result.metrics.cache) == (None, text, {})

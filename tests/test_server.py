@@ -566,6 +566,28 @@ async def test_metrics_health_and_access_log(tmp_path: Path, caplog: pytest.LogC
     assert logged[1]["status"] == 404
 
 
+async def test_a_cached_tool_result_is_marked_and_counted(tmp_path: Path) -> None:
+    rtagent.configure_cache()
+    cached = rtagent.cached(lookup, ttl=60)
+    app, _ = make_app(tmp_path, tool_script() * 2, tools=[cached])
+    async with client(app) as http:
+        first = sse_events((await http.post("/agui", json=run_input(thread="t1"))).text)
+        again = sse_events((await http.post("/agui", json=run_input(thread="t2"))).text)
+        metrics = (await http.get("/metrics")).text
+    results = [next(e for e in events if e["type"] == "TOOL_CALL_RESULT") for events in (first, again)]
+    assert "cached" not in results[0]["metadata"]["rtagent"]
+    assert results[1]["metadata"]["rtagent"]["cached"] is True
+    assert results[1]["content"] == "Paris has 2.1 million people."
+    stored = len(json.dumps({"output": "Paris has 2.1 million people."}))
+    for line in [
+        'rtagent_cache_hits_total{cache="tool"} 1.0',
+        'rtagent_cache_misses_total{cache="tool"} 1.0',
+        'rtagent_cache_deduplicated_total{cache="tool"} 0.0',
+        f'rtagent_cache_stored_bytes_total{{cache="tool"}} {float(stored)}',
+    ]:
+        assert line in metrics
+
+
 async def test_the_page_is_served_when_present(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "index.html").write_text("<h1>chat</h1>")
     monkeypatch.setattr(_server, "STATIC", tmp_path)

@@ -435,6 +435,13 @@ def test_screen_fits_status_and_tool_lines_to_the_width(screen: tuple[_Screen, T
     assert lines[-1].endswith("…")
 
 
+def test_screen_says_a_cached_result_is_cached_instead_of_its_time(screen: tuple[_Screen, Tty]) -> None:
+    view, out = screen
+    view.show(ToolStarted("c1", "lookup", "{}"))
+    view.show(ToolFinished("c1", "lookup", "facts", None, 0.001, cached=True))
+    assert out.getvalue().replace("\r\x1b[K", "\n").splitlines()[-1] == "✓ lookup (cached): facts"
+
+
 def test_screen_marks_an_interrupted_reply_on_its_last_line(screen: tuple[_Screen, Tty]) -> None:
     view, out = screen
     view.show(TextDelta("Once upon"))

@@ -18,6 +18,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ._cache import CachedTool, cached, clear_cache, configure_cache
     from ._chat import Chat
     from ._errors import AgentLoadError, ApprovalError, ModelError, RTAgentError
     from ._events import (
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
     from ._loading import load_agent
     from ._models import ModelSpec, parse_spec
     from ._replycache import ReplyCache, replayable
-    from ._result import ToolTiming, TurnMetrics, TurnResult
+    from ._result import CacheCounts, ToolTiming, TurnMetrics, TurnResult
     from ._served import ServedModel
     from ._tools import background, progress
     from ._turn import Turn, TurnError, TurnOptions, run, run_sync, stream
@@ -46,6 +47,10 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Chat": "_chat",
     "background": "_tools",
+    "CachedTool": "_cache",
+    "cached": "_cache",
+    "clear_cache": "_cache",
+    "configure_cache": "_cache",
     "create_app": "server",
     "progress": "_tools",
     "RTAgentError": "_errors",
@@ -68,6 +73,7 @@ _EXPORTS = {
     "parse_spec": "_models",
     "ReplyCache": "_replycache",
     "replayable": "_replycache",
+    "CacheCounts": "_result",
     "ToolTiming": "_result",
     "TurnMetrics": "_result",
     "TurnResult": "_result",
@@ -84,6 +90,8 @@ __all__ = [
     "AgentLoadError",
     "ApprovalError",
     "ApprovalRequested",
+    "CacheCounts",
+    "CachedTool",
     "Chat",
     "Event",
     "ModelError",
@@ -105,6 +113,9 @@ __all__ = [
     "TurnOptions",
     "TurnResult",
     "background",
+    "cached",
+    "clear_cache",
+    "configure_cache",
     "create_app",
     "load_agent",
     "parse_spec",

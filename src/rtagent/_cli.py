@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Callable, Sequence
 
 from . import __version__
@@ -96,15 +95,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(run=_serve)
 
-    cache = commands.add_parser("cache", help="manage the shared caches", description="Manage the caches.")
-    cache_commands = cache.add_subparsers(metavar="ACTION", required=True)
-    clear = cache_commands.add_parser(
-        "clear",
-        help="forget every stored reply in the shared Redis",
-        description="Forget every reply stored in the Redis that servers share (serve --redis); a "
-        "server without Redis keeps its cache in memory, and a restart clears it.",
+    cache = commands.add_parser(
+        "cache",
+        help="manage the caches replicas share",
+        description="Manage the cached tool results (rtagent.cached) and replies (--reply-cache) that "
+        "replicas share on Redis.",
     )
-    clear.add_argument("--redis", metavar="URL", help="the Redis the servers share ($RTAGENT_REDIS)")
+    actions = cache.add_subparsers(metavar="ACTION", required=True)
+    clear = actions.add_parser(
+        "clear",
+        help="forget stored tool results and replies",
+        description="Forget the tool results and replies stored on the Redis that replicas share. A "
+        "server without --redis keeps them in its own memory, which a restart forgets.",
+    )
+    clear.add_argument("--redis", metavar="URL", help="the Redis that replicas share ($RTAGENT_REDIS)")
+    clear.add_argument(
+        "--tool", metavar="NAME", help="only this tool's results (default: every tool's, and every reply)"
+    )
     clear.set_defaults(run=_cache_clear)
     return parser
 
@@ -129,30 +136,40 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _cache_clear(args: argparse.Namespace) -> int:
     import asyncio
+    import sys
 
-    from redis.exceptions import RedisError
+    from ._cache import clear_cache, configure_cache
+    from ._errors import RTAgentError
+    from .server._bus import check_redis
 
+    url: str | None = args.redis or os.environ.get("RTAGENT_REDIS") or None
+    if url is None:
+        needs = "needs --redis URL (or RTAGENT_REDIS): without Redis each server keeps its own results"
+        print(f"rtagent cache clear: {needs}", file=sys.stderr)
+        return 2
+    try:
+        check_redis(url)
+    except RTAgentError as exc:
+        print(f"rtagent cache clear: {exc}", file=sys.stderr)
+        return 2
+    configure_cache(url)
+    asyncio.run(clear_cache(args.tool))
+    if args.tool is not None:
+        print(f"cleared the cached results of tool {args.tool}")
+        return 0
+    replies = asyncio.run(_clear_replies(url))
+    print(f"cleared the cached results of every tool, and {replies} stored replies")
+    return 0
+
+
+async def _clear_replies(url: str) -> int:
     from ._replycache import RedisStore
 
-    url = args.redis or os.environ.get("RTAGENT_REDIS")
-    if not url:
-        print("rtagent cache clear: name the Redis with --redis URL (or RTAGENT_REDIS)", file=sys.stderr)
-        return 2
-
-    async def clear() -> int:
-        store = RedisStore(url)
-        try:
-            return await store.clear()
-        finally:
-            await store.aclose()
-
+    store = RedisStore(url)
     try:
-        cleared = asyncio.run(clear())
-    except RedisError as exc:
-        print(f"rtagent cache clear: cannot clear the Redis at {url}: {exc}", file=sys.stderr)
-        return 1
-    print(f"cleared {cleared} stored replies")
-    return 0
+        return await store.clear()
+    finally:
+        await store.aclose()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -71,13 +71,18 @@ class ToolProgress:
 
 @dataclass(frozen=True, slots=True)
 class ToolFinished:
-    """One tool call returned (or failed); sent the moment it does, not when its siblings do."""
+    """One tool call returned (or failed); sent the moment it does, not when its siblings do.
+
+    ``cached``: the output did not come from running the tool for this call, but from the tool cache
+    (``rtagent.cached``): a stored result, or an identical call's execution that this one shared.
+    """
 
     call_id: str
     name: str
     output: str
     error: str | None = None
     duration_s: float = 0.0
+    cached: bool = False
     type: Literal["tool_finished"] = field(default="tool_finished", init=False)
 
 

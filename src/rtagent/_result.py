@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -19,20 +20,17 @@ class ToolTiming:
 
 
 @dataclass(frozen=True, slots=True)
-class CacheUse:
-    """What one cache did for a turn."""
+class CacheCounts:
+    """What one cache did during a turn."""
 
-    cache: str
-    """Which cache: ``"reply"``."""
-    hit: bool
-    match: Literal["exact", "semantic"] | None = None
-    """How a hit matched."""
-    similarity: float | None = None
-    """A semantic hit's cosine similarity to the stored message."""
-    bytes: int = 0
-    """Bytes served (a hit) or stored (a miss whose turn was stored; 0 when it was not)."""
+    hits: int = 0
+    """Calls answered from a stored result."""
+    misses: int = 0
+    """Calls that ran (and stored their result, where it was one)."""
+    deduplicated: int = 0
+    """Calls that shared an identical call's execution, here or on another replica."""
     stored_bytes: int = 0
-    """The cache's size after the turn (in a shared store: what this process wrote)."""
+    """The size of the results this turn stored."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,8 +45,8 @@ class TurnMetrics:
     """Output tokens over the time from the first to the last text delta."""
     tools: tuple[ToolTiming, ...]
     total_s: float
-    caches: tuple[CacheUse, ...] = ()
-    """What each cache the turn asked did (empty when it asked none)."""
+    cache: Mapping[str, CacheCounts] = field(default_factory=dict)
+    """By cache (``"tool"``: ``rtagent.cached``), for the caches this turn used."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,5 +65,6 @@ class TurnResult:
     """The paused run, as the SDK's ``RunState.to_string()`` (without the run's context, which
     the turn that continues it supplies): what continues it in another process or after a
     restart (``Chat.restore``). ``None`` unless ``pending``."""
-    cached: bool = False
-    """The reply came from the reply cache: no model call (``metrics.caches`` says how it matched)."""
+    cached: Literal["exact", "semantic"] | None = None
+    """How the reply cache matched when it served this reply (no model call ran); ``None``: the
+    model answered."""

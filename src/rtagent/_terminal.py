@@ -131,10 +131,14 @@ class _Screen:
                 if tool is not None:
                     tool.message, tool.fraction = message, fraction
                     self.draw()
-            case ToolFinished(call_id=call_id, name=name, output=output, error=error, duration_s=seconds):
+            case ToolFinished(
+                call_id=call_id, name=name, output=output, error=error, duration_s=seconds, cached=cached
+            ):
                 self._tools.pop(call_id, None)
                 if error is None:
-                    self.line(f"{name} ({seconds:.1f}s): {output}", self._paint("32", "✓"))
+                    # A cached result took no time of its own: saying how long it took would mislead.
+                    took = "cached" if cached else f"{seconds:.1f}s"
+                    self.line(f"{name} ({took}): {output}", self._paint("32", "✓"))
                 else:
                     self.line(f"{name}: {error}", self._paint("31", "✗"))
                 self.draw()

@@ -52,8 +52,8 @@ from ._events import (
 )
 from ._history import INTERRUPTED, STILL_RUNNING, not_answered, record_cut, record_late, with_cut_marks
 from ._models import ModelSpec, resolve_model
-from ._replycache import CachedReply, Lookup, ReplyCache, fingerprint, may_store, model_label
-from ._result import CacheUse, ToolTiming, TurnMetrics, TurnResult
+from ._replycache import CachedReply, Lookup, Match, ReplyCache, fingerprint, may_store, model_label
+from ._result import CacheCounts, ToolTiming, TurnMetrics, TurnResult
 from ._tap import Tap
 from ._tools import GuardrailKind, ToolHooks, guarded, instrument
 from ._unicode import scrub
@@ -139,6 +139,9 @@ class Turn:
         self._errors: dict[str, str] = {}
         self._kept: dict[str, tuple[str, str, asyncio.Future[Any]]] = {}
         self._tool_timings: list[ToolTiming] = []
+        # The tool cache's part: calls whose output it gave, and its counts for the turn.
+        self._cached: set[str] = set()
+        self._cache_counts: CacheCounts | None = None
         # The model call in progress: its tools' ``needs_approval`` by name, and its handoffs' names.
         self._rules: dict[str, object] = {}
         self._handoffs: frozenset[str] = frozenset()
@@ -148,8 +151,8 @@ class Turn:
         self._approvals: dict[str, ApprovalRequested] = {}
         self._pending: tuple[ApprovalRequested, ...] = ()
         self._state: str | None = None
-        self._cache_use: CacheUse | None = None
-        self._replayed = False  # a stored reply was served (and saves its own history)
+        self._reply_counts: CacheCounts | None = None  # what the reply cache did for this turn
+        self._match: Match | None = None  # how a stored reply was served (it saves its own history)
 
     @classmethod
     def paused(
@@ -362,20 +365,12 @@ class Turn:
         session = options.get("session")
         history = await session.get_items() if session is not None else []
         lookup = await cache.lookup(key, history, message)
-        self._cache_use = CacheUse(
-            "reply",
-            hit=lookup.hit is not None,
-            match=lookup.match,
-            similarity=lookup.similarity,
-            stored_bytes=cache.store.stored_bytes(),
-        )
+        self._reply_counts = CacheCounts(hits=1) if lookup.hit is not None else CacheCounts(misses=1)
         return lookup
 
     async def _replay(self, lookup: Lookup, hit: CachedReply) -> None:
         """Serve a stored reply: its deltas at once, then the history as the stored turn left it."""
-        assert self._cache_use is not None
-        self._replayed = True
-        self._cache_use = replace(self._cache_use, bytes=len(hit.encode()))
+        self._match = lookup.match
         for delta in hit.deltas:
             self._on_text(delta)
         session = self._options.get("session")
@@ -397,8 +392,7 @@ class Turn:
             {k: v for k, v in dict(item.to_input_item()).items() if k != "id"} for item in sdk.new_items
         )
         size = await cache.put(lookup, CachedReply(tuple(self._text), items))  # type: ignore[arg-type]
-        if self._cache_use is not None:
-            self._cache_use = replace(self._cache_use, bytes=size, stored_bytes=cache.store.stored_bytes())
+        self._reply_counts = CacheCounts(misses=1, stored_bytes=size)
 
     def _own_model(self, agent: Agent[Any]) -> Model:
         """What ``agent`` runs on when the turn names no model: its own, tapped like any other."""
@@ -429,7 +423,7 @@ class Turn:
             if call_id in self._announced and call_id not in self._outputs:
                 self._finish_tool(call_id, name, INTERRUPTED, "interrupted", time.perf_counter())
         session = self._options.get("session")
-        if cut and session is not None and not self._replayed:
+        if cut and session is not None and self._match is None:
             outputs = {**self._outputs, **dict.fromkeys(self._kept, STILL_RUNNING)}
             try:
                 # The SDK saves the message only just before its first model call (and says so in
@@ -469,14 +463,17 @@ class Turn:
         tokens = usage_tokens or self._deltas
         first, last = self._first_token_at, self._last_token_at
         streaming_s = last - first if first is not None and last is not None else 0.0
-        cached = self._replayed
+        cached = self._match
         metrics = TurnMetrics(
             time_to_first_token_s=None if first is None else first - self._started_at,
             tokens=tokens,
             tokens_per_s=tokens / streaming_s if streaming_s > 0 else None,
             tools=tuple(self._tool_timings),
             total_s=time.perf_counter() - self._started_at,
-            caches=() if self._cache_use is None else (self._cache_use,),
+            cache={
+                **({} if self._cache_counts is None else {"tool": self._cache_counts}),
+                **({} if self._reply_counts is None else {"reply": self._reply_counts}),
+            },
         )
         final_output = sdk.final_output if sdk is not None else None
         return TurnResult(
@@ -596,7 +593,9 @@ class Turn:
         self._outputs[call_id] = output
         duration = time.perf_counter() - started
         self._tool_timings.append(ToolTiming(call_id, name, duration))
-        self._events.put(ToolFinished(call_id, name, output, error, duration))
+        # A shared execution that failed is the tool's error, not a cached result.
+        cached = call_id in self._cached and error is None
+        self._events.put(ToolFinished(call_id, name, output, error, duration, cached))
 
     def _agent_changed(self, name: str) -> None:
         if name != self._answering:
@@ -618,6 +617,20 @@ class Turn:
 
     def _tool_kept(self, call_id: str, name: str, arguments: str, task: asyncio.Future[Any]) -> None:
         self._kept[call_id] = (name, arguments, task)
+
+    def _tool_cache(self, call_id: str, outcome: str, stored_bytes: int) -> None:
+        counts = self._cache_counts or CacheCounts()
+        if outcome == "miss":
+            counts = replace(
+                counts, misses=counts.misses + 1, stored_bytes=counts.stored_bytes + stored_bytes
+            )
+        else:
+            self._cached.add(call_id)
+            if outcome == "hit":
+                counts = replace(counts, hits=counts.hits + 1)
+            else:
+                counts = replace(counts, deduplicated=counts.deduplicated + 1)
+        self._cache_counts = counts
 
 
 async def _resumed(agent: Agent[Any], resume: Resume, context: Any) -> RunState[Any]:

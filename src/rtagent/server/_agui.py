@@ -17,8 +17,8 @@ ToolStarted        TEXT_MESSAGE_END (if text was open), TOOL_CALL_START/ARGS/END
                    response share one ``parentMessageId``, so a client groups them in one message
 ApprovalRequested  the same TOOL_CALL_START/ARGS/END (the model made the call), no result
 ToolProgress       ACTIVITY_SNAPSHOT ``tool_progress`` {toolCallId, toolName, message, fraction, elapsedS}
-ToolFinished       TOOL_CALL_RESULT, ``metadata.rtagent`` = {durationS, error}; a final ACTIVITY_SNAPSHOT
-                   (done) if the tool had reported progress
+ToolFinished       TOOL_CALL_RESULT, ``metadata.rtagent`` = {durationS, error, cached}; a final
+                   ACTIVITY_SNAPSHOT (done) if the tool had reported progress
 AgentChanged       STEP_FINISHED for the agent that answered before, if it had a step; STEP_STARTED named
                    after the agent now answering, ``metadata.rtagent.agent`` its name (closed by the next
                    AgentChanged or the run's end); the steps "thinking" and text close first
@@ -35,6 +35,7 @@ RUN_ERROR.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -195,6 +196,8 @@ class RunMapper:
             meta: dict[str, Any] = {"durationS": round(event.duration_s, 4)}
             if event.error is not None:
                 meta["error"] = event.error
+            if event.cached:
+                meta["cached"] = True
             out.append(
                 ToolCallResultEvent(
                     message_id=f"{self._run_id}-{event.call_id}-result",
@@ -378,16 +381,7 @@ def result_json(result: TurnResult) -> dict[str, Any]:
             "tools": [
                 {"toolCallId": t.call_id, "name": t.name, "durationS": t.duration_s} for t in metrics.tools
             ],
-            "caches": [
-                {
-                    "cache": c.cache,
-                    "hit": c.hit,
-                    "match": c.match,
-                    "similarity": c.similarity,
-                    "bytes": c.bytes,
-                }
-                for c in metrics.caches
-            ],
+            "cache": {name: dataclasses.asdict(counts) for name, counts in metrics.cache.items()},
         },
     }
 

@@ -59,6 +59,7 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
+from .._cache import configure_cache
 from .._chat import Chat, Policy
 from .._errors import ApprovalError, RTAgentError, describe
 from .._events import ApprovalRequested
@@ -121,6 +122,8 @@ class _Server:
         self.paused = PausedRuns(self.db)
         # With Redis, replicas share the threads: one turn per thread across them (see ``_bus``).
         self.bus = None if redis is None else Bus(redis, lease_s=lease_s, max_turns=limits.max_turns)
+        if redis is not None:  # and the results of cached tools, so a result computed on one is a hit on all
+            configure_cache(redis)
         self.policy: Policy = policy
         self.limits = limits
         self.metrics = Metrics()
@@ -136,6 +139,9 @@ class _Server:
         # once do not both take it (the second would wait for the first turn's end, uninterrupted);
         # a lock lives as long as someone holds or awaits it.
         self._claiming: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        # Each thread's latest run here, set once the paused run it leaves is in the store: its
+        # client may see its end, and answer again, before that write is done (``run_ended``).
+        self._kept: dict[str, asyncio.Event] = {}
 
     @property
     def _active(self) -> int:
@@ -222,7 +228,8 @@ class _Server:
         run = AguiRun(
             thread_id, run_id, chat, turn, observe=observe, client_tools=frontend.names, state=frontend.state
         )
-        ended = functools.partial(self.run_ended, thread_id, turn, paused)
+        kept = self._kept[thread_id] = asyncio.Event()
+        ended = functools.partial(self.run_ended, thread_id, turn, paused, kept)
         return self.log.produce(run, text if isinstance(text, str) else "", ended)
 
     async def _turn(
@@ -233,6 +240,9 @@ class _Server:
         store's: this replica holds the thread now, so what the store has is current."""
         paused = bool(chat.pending)
         if not paused and (chat.turn is None or chat.turn.done):
+            kept = self._kept.get(thread_id)
+            if kept is not None:
+                await kept.wait()
             state = await self.paused.load(thread_id)
             if state is not None:
                 await chat.restore(state)
@@ -250,7 +260,7 @@ class _Server:
         except ApprovalError as exc:
             raise InputError(str(exc), 409, "not_pending") from None
 
-    async def run_ended(self, thread_id: str, turn: Turn, paused: bool) -> None:
+    async def run_ended(self, thread_id: str, turn: Turn, paused: bool, kept: asyncio.Event) -> None:
         """Keep the turn's paused run for whoever answers it; forget the one it took up."""
         try:
             state = turn.result.state if turn.done else None
@@ -259,6 +269,9 @@ class _Server:
         except Exception:  # the turn's own outcome stands; the thread can still go on
             log.exception("keeping the paused run of thread %s failed", thread_id)
         finally:
+            kept.set()
+            if self._kept.get(thread_id) is kept:
+                del self._kept[thread_id]
             await self.turn_ended(thread_id)
 
     def _claim_lock(self, thread_id: str) -> asyncio.Lock:
@@ -484,7 +497,8 @@ def create_app(
     ``allowed_hosts``: the names it answers to besides the loopback ones (see ``_security``).
     ``redis``: the URL of the Redis that replicas serving the same conversations share (``serve
     --redis``, and ``--workers``): leases, stops, the turn cap and the run log live there (see
-    ``_bus``), and a replica's lease expires ``lease_s`` after it stops renewing it.
+    ``_bus``), and a replica's lease expires ``lease_s`` after it stops renewing it; so do the
+    results of cached tools (``rtagent.cached``), for every app of the process.
     ``disconnect_grace``: how long a turn whose clients all went away keeps running for one to
     come back (0: it is interrupted at once).
     ``store``: instead of ``db_path``, a URL: ``sqlite:///PATH``, ``postgresql://...`` or

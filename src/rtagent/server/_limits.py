@@ -408,6 +408,16 @@ class Metrics:
         self.tokens_per_s = Histogram("rtagent_tokens_per_second", rate, buckets=rates, registry=r)
         tool = "Tool call durations."
         self.tool_seconds = Histogram("rtagent_tool_duration_seconds", tool, ["tool"], registry=r, buckets=s)
+        # By cache ("tool": ``rtagent.cached``; "reply": ``ReplyCache``), from ``TurnMetrics.cache``.
+        by = ["cache"]
+        hits = "Tool calls (or, for the reply cache, turns) answered from a stored result."
+        misses = "Tool calls (or turns) that ran, storing what they returned where it could be."
+        self.cache_hits = Counter("rtagent_cache_hits", hits, by, registry=r)
+        self.cache_misses = Counter("rtagent_cache_misses", misses, by, registry=r)
+        shared = "Calls that shared an identical call's execution, here or on another replica."
+        self.cache_deduplicated = Counter("rtagent_cache_deduplicated", shared, by, registry=r)
+        stored = "Bytes of results stored in the cache."
+        self.cache_stored_bytes = Counter("rtagent_cache_stored_bytes", stored, by, registry=r)
         errors = "Requests answered with an error status."
         self.errors_total = Counter("rtagent_http_errors", errors, ["status"], registry=r)
         live: Literal["livesum"] = "livesum"  # with several workers: the sum over those running
@@ -416,16 +426,6 @@ class Metrics:
         self.connections = Gauge("rtagent_active_connections", streams, registry=r, multiprocess_mode=live)
         sessions = "Conversations loaded in memory."
         self.sessions = Gauge("rtagent_active_sessions", sessions, registry=r, multiprocess_mode=live)
-        hits = "Turns a cache answered, by cache and how it matched."
-        self.cache_hits = Counter("rtagent_cache_hits", hits, ["cache", "match"], registry=r)
-        misses = "Turns a cache was asked about and could not answer."
-        self.cache_misses = Counter("rtagent_cache_misses", misses, ["cache"], registry=r)
-        moved = "Bytes a cache served (direction=served) or took in (direction=stored)."
-        self.cache_bytes = Counter("rtagent_cache_bytes", moved, ["cache", "direction"], registry=r)
-        size = "Bytes a cache holds (with a shared store: what this process wrote to it)."
-        self.cache_size = Gauge(
-            "rtagent_cache_stored_bytes", size, ["cache"], registry=r, multiprocess_mode=live
-        )
 
     def observe(self, event: Event) -> None:
         if isinstance(event, ToolFinished):
@@ -435,17 +435,15 @@ class Metrics:
             outcome = "interrupted" if result.interrupted else "completed"
             self.turns_total.labels("failed" if isinstance(event, TurnFailed) else outcome).inc()
             metrics = result.metrics
+            for cache, counts in metrics.cache.items():
+                self.cache_hits.labels(cache).inc(counts.hits)
+                self.cache_misses.labels(cache).inc(counts.misses)
+                self.cache_deduplicated.labels(cache).inc(counts.deduplicated)
+                self.cache_stored_bytes.labels(cache).inc(counts.stored_bytes)
             if metrics.time_to_first_token_s is not None:
                 self.first_token.observe(metrics.time_to_first_token_s)
             if metrics.tokens_per_s is not None:
                 self.tokens_per_s.observe(metrics.tokens_per_s)
-            for use in metrics.caches:
-                if use.hit:
-                    self.cache_hits.labels(use.cache, use.match or "exact").inc()
-                else:
-                    self.cache_misses.labels(use.cache).inc()
-                self.cache_bytes.labels(use.cache, "served" if use.hit else "stored").inc(use.bytes)
-                self.cache_size.labels(use.cache).set(use.stored_bytes)
 
     def status(self, status: int) -> None:
         if status >= 400:

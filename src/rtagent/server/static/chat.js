@@ -337,6 +337,8 @@ function handle(e) {
       if (error === "interrupted") finishTool(tool, "stopped", e.content, durationS);
       else if (error != null) finishTool(tool, "failed", error, durationS);
       else finishTool(tool, "done", e.content, durationS);
+      // From the tool cache: the tool did not run for this call, so its time would mislead.
+      if (e.metadata?.rtagent?.cached) tool.meta.textContent = "cached";
       break;
     }
     case "RUN_FINISHED":
