@@ -53,10 +53,10 @@ from ports import start_redis
 
 import rtagent
 from rtagent import TextDelta
-from rtagent._embedding import shared_embedder
 from rtagent._models import parse_spec
-from rtagent._replycache import CachedReply, ReplyCache, fingerprint, model_label, same_slots
 from rtagent._served import ServedModel
+from rtagent.cache._embedding import shared_embedder
+from rtagent.cache._replies import CachedReply, ReplyCache, fingerprint, model_label, same_slots
 from rtagent.testing import ScriptedModel, call, reply, tool_calls
 
 Section = Callable[[argparse.Namespace], tuple[dict[str, Any], bool]]

@@ -23,8 +23,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from rtagent._embedding import MODEL_ID, shared_embedder
-from rtagent._replycache import SEMANTIC_THRESHOLD, same_slots
+from rtagent.cache._embedding import MODEL_ID, shared_embedder
+from rtagent.cache._replies import SEMANTIC_THRESHOLD, same_slots
 
 PAIRS = Path(__file__).parent.parent / "tests" / "data" / "paraphrases.jsonl"
 MARGIN = 0.01

@@ -16,8 +16,8 @@ from agents.tool_context import ToolContext
 
 import rtagent
 from rtagent import ToolFinished, TurnFinished, _cli
-from rtagent._cache import ToolCache
 from rtagent._history import STILL_RUNNING
+from rtagent.cache._tools import ToolCache
 from rtagent.testing import ScriptedModel, call, reply, tool_calls
 
 

@@ -15,10 +15,10 @@ from agents import Agent, GuardrailFunctionOutput, function_tool, input_guardrai
 import rtagent
 from rtagent import TextDelta, TurnFinished
 from rtagent._cli import main
-from rtagent._embedding import shared_embedder
-from rtagent._replycache import MemoryStore, RedisStore, ReplyCache, model_label, replayable, same_slots
 from rtagent._result import CacheCounts, TurnMetrics, TurnResult
 from rtagent._terminal import _Screen
+from rtagent.cache._embedding import shared_embedder
+from rtagent.cache._replies import MemoryStore, RedisStore, ReplyCache, model_label, replayable, same_slots
 from rtagent.server import create_app
 from rtagent.testing import ScriptedModel, call, reply, tool_calls
 

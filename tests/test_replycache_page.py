@@ -13,7 +13,7 @@ from agents import Agent
 from playwright.sync_api import Page, expect
 from test_page import browser, console_errors, page, playwright, screenshot, send, wait_for
 
-from rtagent._replycache import ReplyCache
+from rtagent.cache._replies import ReplyCache
 from rtagent.server._app import create_app
 from rtagent.server._websocket import WebSocketProtocol
 from rtagent.testing import ScriptedModel, reply

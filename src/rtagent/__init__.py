@@ -18,7 +18,6 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ._cache import CachedTool, cached, clear_cache, configure_cache
     from ._chat import Chat
     from ._errors import AgentLoadError, ApprovalError, ModelError, RTAgentError
     from ._events import (
@@ -35,11 +34,11 @@ if TYPE_CHECKING:
     )
     from ._loading import load_agent
     from ._models import ModelSpec, parse_spec
-    from ._replycache import ReplyCache, replayable
     from ._result import CacheCounts, ToolTiming, TurnMetrics, TurnResult
     from ._served import ServedModel
     from ._tools import background, progress
     from ._turn import Turn, TurnError, TurnOptions, run, run_sync, stream
+    from .cache import CachedTool, ReplyCache, cached, clear_cache, configure_cache, replayable
     from .server import create_app
 
 __version__ = "0.1.0"
@@ -47,10 +46,10 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Chat": "_chat",
     "background": "_tools",
-    "CachedTool": "_cache",
-    "cached": "_cache",
-    "clear_cache": "_cache",
-    "configure_cache": "_cache",
+    "CachedTool": "cache",
+    "cached": "cache",
+    "clear_cache": "cache",
+    "configure_cache": "cache",
     "create_app": "server",
     "progress": "_tools",
     "RTAgentError": "_errors",
@@ -71,8 +70,8 @@ _EXPORTS = {
     "ModelSpec": "_models",
     "ServedModel": "_served",
     "parse_spec": "_models",
-    "ReplyCache": "_replycache",
-    "replayable": "_replycache",
+    "ReplyCache": "cache",
+    "replayable": "cache",
     "CacheCounts": "_result",
     "ToolTiming": "_result",
     "TurnMetrics": "_result",

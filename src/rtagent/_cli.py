@@ -138,8 +138,8 @@ def _cache_clear(args: argparse.Namespace) -> int:
     import asyncio
     import sys
 
-    from ._cache import clear_cache, configure_cache
     from ._errors import RTAgentError
+    from .cache import clear_cache, configure_cache
     from .server._bus import check_redis
 
     url: str | None = args.redis or os.environ.get("RTAGENT_REDIS") or None
@@ -163,7 +163,7 @@ def _cache_clear(args: argparse.Namespace) -> int:
 
 
 async def _clear_replies(url: str) -> int:
-    from ._replycache import RedisStore
+    from .cache._replies import RedisStore
 
     store = RedisStore(url)
     try:

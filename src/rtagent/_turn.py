@@ -52,11 +52,11 @@ from ._events import (
 )
 from ._history import INTERRUPTED, STILL_RUNNING, not_answered, record_cut, record_late, with_cut_marks
 from ._models import ModelSpec, resolve_model
-from ._replycache import CachedReply, Lookup, Match, ReplyCache, fingerprint, may_store, model_label
 from ._result import CacheCounts, ToolTiming, TurnMetrics, TurnResult
 from ._tap import Tap
 from ._tools import GuardrailKind, ToolHooks, guarded, instrument
 from ._unicode import scrub
+from .cache._replies import CachedReply, Lookup, Match, ReplyCache, fingerprint, may_store, model_label
 
 DEFAULT_MAX_TURNS = 10
 

@@ -59,15 +59,15 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
-from .._cache import configure_cache
 from .._chat import Chat, Policy
 from .._errors import ApprovalError, RTAgentError, describe
 from .._events import ApprovalRequested
 from .._history import content_text, record_cut
 from .._loading import load_agent
 from .._models import ModelSpec, resolve_model
-from .._replycache import DEFAULT_TTL_S, RedisStore, ReplyCache
 from .._turn import Turn, TurnOptions, pending_of
+from ..cache import configure_cache
+from ..cache._replies import DEFAULT_TTL_S, RedisStore, ReplyCache
 from ._agui import AguiRun, dump, history_messages, interrupts, log
 from ._approvals import Answers, PausedRuns, answers_of
 from ._bus import Bus, FencedSession, check_redis

@@ -36,7 +36,7 @@ from cashews.picklers import PicklerType
 from cashews.serialize import get_serializer
 from redis.exceptions import RedisError
 
-from ._tools import _Background, _current, _Invoker
+from .._tools import _Background, _current, _Invoker
 
 log = logging.getLogger("rtagent")
 

@@ -12,7 +12,7 @@ import importlib.metadata
 import threading
 from typing import TYPE_CHECKING, Any
 
-from ._errors import RTAgentError
+from .._errors import RTAgentError
 
 if TYPE_CHECKING:
     import numpy as np
