@@ -348,3 +348,23 @@ async def test_a_change_of_guardrails_misses_and_agents_with_handoffs_are_not_ca
     for text in ("reply 2", "reply 3"):
         result = await rtagent.run(routed, "hi", reply_cache=cache)
         assert (result.cached, result.text, result.metrics.cache) == (None, text, {})
+
+
+async def test_an_agent_with_input_guardrails_gets_exact_hits_only() -> None:
+    judged: list[str] = []
+
+    @input_guardrail
+    async def screened(context: Any, agent: Agent[Any], message: Any) -> GuardrailFunctionOutput:
+        judged.append(str(message))
+        return GuardrailFunctionOutput(output_info=None, tripwire_triggered=False)
+
+    cache = ReplyCache("semantic")
+    model = ScriptedModel([reply("Under Orders."), reply("Still under Orders.")])
+    agent = Agent(name="shop", model=model, input_guardrails=[screened])
+    await deltas_of(rtagent.Chat(agent, reply_cache=cache), "How do I cancel my subscription?")
+    _, same = await deltas_of(rtagent.Chat(agent, reply_cache=cache), "How do I cancel my subscription?")
+    # Other words never passed the guardrail: they go to the model, and the guardrail runs.
+    _, other = await deltas_of(rtagent.Chat(agent, reply_cache=cache), "How can I cancel my subscription?")
+    assert (same.cached, other.cached) == ("exact", None)
+    assert other.text == "Still under Orders."
+    assert len(judged) == 2

@@ -364,7 +364,10 @@ class Turn:
             return None
         session = options.get("session")
         history = await session.get_items() if session is not None else []
-        lookup = await cache.lookup(key, history, message)
+        # A hit skips the input guardrails, which judge words: the same words passed them before,
+        # other words (a semantic hit) never did.
+        judged = bool(agent.input_guardrails) or bool(run_config and run_config.input_guardrails)
+        lookup = await cache.lookup(key, history, message, semantic=not judged)
         self._reply_counts = CacheCounts(hits=1) if lookup.hit is not None else CacheCounts(misses=1)
         return lookup
 

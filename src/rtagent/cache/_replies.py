@@ -351,8 +351,14 @@ class ReplyCache:
             await asyncio.to_thread(self._embedder.warm)
 
     async def lookup(
-        self, fingerprint: str, history: Sequence[TResponseInputItem], message: str | list[TResponseInputItem]
+        self,
+        fingerprint: str,
+        history: Sequence[TResponseInputItem],
+        message: str | list[TResponseInputItem],
+        *,
+        semantic: bool = True,
     ) -> Lookup:
+        """The stored reply for ``message``; ``semantic=False``: only one for these very words."""
         bucket = _digest(fingerprint, history_digest(history))
         text = message if isinstance(message, str) else None
         key = _digest(bucket, _canonical(message))
@@ -362,7 +368,7 @@ class ReplyCache:
             self.stats.bytes_served += len(found)
             return Lookup(key, bucket, text, None, CachedReply.decode(found), "exact", 1.0)
         vector = None
-        if self._embedder is not None and text is not None:
+        if self._embedder is not None and text is not None and semantic:
             vector = await asyncio.to_thread(self._embedder.embed, text)
             hit = await self._nearest(bucket, text, vector)
             if hit is not None:
