@@ -297,7 +297,8 @@ class Turn:
         run_config = options.get("run_config") or RunConfig(tracing_disabled=True)
         spec = options.get("model")
         # The run config's model overrides every agent's: it is set only when the turn has one.
-        model = None if spec is None else Tap(resolve_model(spec, self.agent), self)
+        named = None if spec is None else resolve_model(spec, self.agent)
+        model = None if named is None else Tap(named, self)
         run_config = replace(
             run_config,
             model=model,
@@ -313,7 +314,7 @@ class Turn:
         lookup = None
         if cache is not None and not isinstance(self._input, Resume):
             # The key names the model the first agent runs on: the turn's, else the agent's own.
-            first_model = model_label(resolve_model(spec, self.agent))
+            first_model = model_label(named or resolve_model(None, self.agent))
             lookup = await self._ask(cache, agent, first_model, self._input)
             if self._interrupted:
                 return
@@ -404,9 +405,7 @@ class Turn:
     def _pause(self, sdk: RunResultStreaming) -> None:
         """The run paused for approvals: ask for the ones not asked yet, keep the run's state."""
         for item in sdk.interruptions:
-            call_id = _call_id(item)
-            if call_id not in self._approvals:
-                self._request_approval(call_id, item.name or "", item.arguments or "")
+            self._request_approval(_call_id(item), item.name or "", item.arguments or "")
         self._pending = tuple(self._approvals[_call_id(item)] for item in sdk.interruptions)
         # Without the context: the continuing turn passes its own (which may not serialise).
         self._state = sdk.to_state().to_string(context_serializer=lambda _context: {})
@@ -549,16 +548,15 @@ class Turn:
     def _announce(self, item_id: str) -> None:
         call_id, name, chunks = self._pending_calls.pop(item_id)
         rule = self._rules.get(name, False)
-        if name in self._handoffs:
-            # No tool runs: the SDK switches agent, which ``AgentChanged`` tells when it happens;
-            # a tool indicator would only wait for an end that no hook ever reports.
+        if name in self._handoffs or rule not in (True, False):
+            # A handoff runs no tool: the SDK switches agent, which ``AgentChanged`` tells when it
+            # happens (a tool indicator would wait for an end no hook reports). The author's own
+            # rule is the SDK's to ask: it then runs the call (``_on_tool_start``) or pauses.
             self._seen(call_id, name, "".join(chunks))
-        elif rule is True:
+        elif rule:
             self._request_approval(call_id, name, "".join(chunks))
-        elif rule is False:
+        else:
             self._tool_started(call_id, name, "".join(chunks))
-        else:  # the author's own rule: the SDK asks it, then runs the call (``_on_tool_start``) or pauses
-            self._seen(call_id, name, "".join(chunks))
 
     def _seen(self, call_id: str, name: str, arguments: str) -> str:
         """Note a call of the response in progress (what an interrupt saves); its arguments, scrubbed."""

@@ -239,14 +239,9 @@ class _Server:
         turn that answers it ends). A run paused on another replica, or before a restart, is the
         store's: this replica holds the thread now, so what the store has is current."""
         paused = bool(chat.pending)
-        if not paused and (chat.turn is None or chat.turn.done):
-            kept = self._kept.get(thread_id)
-            if kept is not None:
-                await kept.wait()
-            state = await self.paused.load(thread_id)
-            if state is not None:
-                await chat.restore(state)
-                paused = True
+        if (state := await self._stored_pause(thread_id, chat)) is not None:
+            await chat.restore(state)
+            paused = True
         results = text.results if isinstance(text, Answers) else {}
         options: TurnOptions = {}
         if frontend.tools:
@@ -259,6 +254,17 @@ class _Server:
             return chat.resume(text.approved, text.rejected, **options), paused
         except ApprovalError as exc:
             raise InputError(str(exc), 409, "not_pending") from None
+
+    async def _stored_pause(self, thread_id: str, chat: Chat) -> str | None:
+        """The paused run the store keeps for the thread, when the chat here knows of none and runs
+        no turn (it paused on another replica, or before a restart); once this replica's last run
+        of the thread has written what it leaves there."""
+        if chat.pending or (chat.turn is not None and not chat.turn.done):
+            return None
+        kept = self._kept.get(thread_id)
+        if kept is not None:
+            await kept.wait()
+        return await self.paused.load(thread_id)
 
     async def run_ended(self, thread_id: str, turn: Turn, paused: bool, kept: asyncio.Event) -> None:
         """Keep the turn's paused run for whoever answers it; forget the one it took up."""
@@ -419,13 +425,10 @@ class _Server:
         return JSONResponse({"threadId": thread_id, "messages": messages, "interrupts": waiting})
 
     async def pending(self, thread_id: str, chat: Chat) -> tuple[ApprovalRequested, ...]:
-        """The calls the thread's paused run waits on, as ``_turn`` would take it up: the chat's,
-        else, with no turn running, the store's (paused on another replica, or before a restart).
-        A page reloading needs them: its history shows those calls only as calls without results."""
-        if chat.pending or (chat.turn is not None and not chat.turn.done):
-            return chat.pending
-        state = await self.paused.load(thread_id)
-        return () if state is None else await pending_of(chat.agent, state)
+        """The calls the thread's paused run waits on, as ``_turn`` would take it up. A page
+        reloading needs them: its history shows those calls only as calls without results."""
+        state = await self._stored_pause(thread_id, chat)
+        return chat.pending if state is None else await pending_of(chat.agent, state)
 
     async def delete(self, request: Request) -> Response:
         thread_id = request.path_params["thread_id"]
