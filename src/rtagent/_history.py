@@ -47,8 +47,12 @@ def cut_reply(text: str) -> TResponseInputItem:
 def call_pair(call_id: str, name: str, arguments: str, output: str) -> list[TResponseInputItem]:
     return [
         {"type": "function_call", "call_id": call_id, "name": name, "arguments": arguments},
-        {"type": "function_call_output", "call_id": call_id, "output": output},
+        call_output(call_id, output),
     ]
+
+
+def call_output(call_id: str, output: str) -> TResponseInputItem:
+    return {"type": "function_call_output", "call_id": call_id, "output": output}
 
 
 async def record_cut(
@@ -75,7 +79,7 @@ async def record_cut(
         if call_id not in saved:
             items += call_pair(call_id, name, arguments, output)
         elif call_id not in answered:  # saved by a run that paused before it (an approval)
-            items.append({"type": "function_call_output", "call_id": call_id, "output": output})
+            items.append(call_output(call_id, output))
     if items:
         await session.add_items(items)
 
@@ -87,9 +91,7 @@ def _call_ids(items: list[TResponseInputItem], kind: str) -> set[str]:
 
 def not_answered(call_ids: Sequence[str]) -> list[TResponseInputItem]:
     """The outputs of calls a person never approved or rejected: the conversation went on."""
-    return [
-        {"type": "function_call_output", "call_id": call_id, "output": NOT_ANSWERED} for call_id in call_ids
-    ]
+    return [call_output(call_id, NOT_ANSWERED) for call_id in call_ids]
 
 
 def _says(item: Any, text: str) -> bool:
